@@ -1,0 +1,1 @@
+"""Pure data code (no Ray): image decoding checks and source listings."""

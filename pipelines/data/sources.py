@@ -1,0 +1,146 @@
+"""Where images come from: listings of the three source layouts, as rows-to-be (no pixels read).
+
+Each lister walks a `Location` (local or S3) and returns `SourceItem`s in a deterministic order,
+so that ingest can cut them into parts whose names depend only on the input.
+
+- MVTec AD layout: `<cat>/train/good/*`, `<cat>/test/<defect>/*`, `<cat>/ground_truth/<defect>/<stem>_mask.png`.
+- A flat folder or prefix of images, optionally hive-partitioned (`date=2026-11-21/...`): unlabelled.
+- ELPV (PyPI `elpv-dataset`): `labels.csv` + `images/`; defect probability 0 is normal, 1.0 is
+  defective; 1/3 and 2/3 are kept with an unknown label (never rounded into a class).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from pipelines.errors import InputError
+from pipelines.storage import Location
+
+HIVE_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^/]*$")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    image_id: str
+    location: Location
+    category: str | None
+    split: str
+    label: int | None
+    defect_type: str | None = None
+    mask: Location | None = None
+    mask_expected: bool = False
+    partition: str | None = None
+    defect_probability: float | None = None
+
+
+def _relative(base: Location, item: Location) -> str:
+    return posixpath.relpath(item.uri, base.uri)
+
+
+def list_mvtec(root: Location, categories: tuple[str, ...] | None = None) -> list[SourceItem]:
+    files = root.list_files(recursive=True)
+    if not files:
+        raise InputError(f"no files under {root.describe()}: expected an MVTec-style tree <category>/train/good/...")
+    by_relative = {_relative(root, f): f for f in files}
+    found_categories = sorted({rel.split("/")[0] for rel in by_relative
+                               if rel.count("/") >= 3 and rel.split("/")[1] in ("train", "test")})
+    if not found_categories:
+        raise InputError(f"{root.describe()} has no <category>/train/<class>/ or <category>/test/<class>/ folders")
+    if categories:
+        missing = sorted(set(categories) - set(found_categories))
+        if missing:
+            raise InputError(f"categories {missing} not found under {root.describe()}; found {found_categories}")
+        found_categories = [c for c in found_categories if c in categories]
+    items = []
+    for rel, location in sorted(by_relative.items()):
+        parts = rel.split("/")
+        if len(parts) != 4 or parts[0] not in found_categories or parts[1] not in ("train", "test"):
+            continue  # ground_truth/, licence and readme files are not image inputs
+        category, split, image_class, filename = parts
+        normal = image_class == "good"
+        mask = None
+        if not normal:
+            stem = posixpath.splitext(filename)[0]
+            mask = by_relative.get(f"{category}/ground_truth/{image_class}/{stem}_mask.png")
+        items.append(SourceItem(
+            image_id=rel, location=location, category=category, split=split,
+            label=0 if normal else 1, defect_type=None if normal else image_class,
+            mask=mask, mask_expected=not normal and split == "test",
+        ))
+    return items
+
+
+def list_folder(root: Location, category: str | None, split: str) -> list[SourceItem]:
+    files = root.list_files(recursive=True)
+    if not files:
+        raise InputError(f"no files under {root.describe()}")
+    items = []
+    for location in files:
+        rel = _relative(root, location)
+        partition = "/".join(seg for seg in rel.split("/")[:-1] if HIVE_SEGMENT.match(seg)) or None
+        items.append(SourceItem(image_id=rel, location=location, category=category, split=split,
+                                label=None, partition=partition))
+    return items
+
+
+def elpv_package_root() -> Location:
+    try:
+        folder = resources.files("elpv_dataset") / "data"
+    except ModuleNotFoundError:
+        raise InputError("the ELPV dataset is not installed: pip install elpv-dataset") from None
+    return Location.parse(str(folder))
+
+
+def elpv_labels(root: Location) -> list[tuple[str, float, str]]:
+    """(relative image path, defect probability, cell type) per line of ELPV's labels.csv."""
+    text = root.join("labels.csv").read_bytes().decode()
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 3:
+            raise InputError(f"{root.join('labels.csv').uri} line {number}: expected 'path probability type'")
+        path, probability, cell_type = fields
+        rows.append((path, float(probability), cell_type))
+    return rows
+
+
+def _seeded_order(image_id: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
+
+
+def list_elpv(root: Location | None, categories: tuple[str, ...] | None,
+              normal_train_fraction: float, split_seed: int) -> list[SourceItem]:
+    """ELPV cells; the normal cells of each type are split train/test by a seeded, stable order."""
+    root = root or elpv_package_root()
+    labels = elpv_labels(root)
+    known = sorted({cell_type for _, _, cell_type in labels})
+    if categories:
+        missing = sorted(set(categories) - set(known))
+        if missing:
+            raise InputError(f"ELPV has no cell type {missing}; it has {known}")
+        labels = [row for row in labels if row[2] in categories]
+    train_ids: set[str] = set()
+    for cell_type in known:
+        normals = sorted((path for path, p, t in labels if t == cell_type and p == 0.0),
+                         key=lambda path: _seeded_order(path, split_seed))
+        train_ids.update(normals[: round(normal_train_fraction * len(normals))])
+    items = []
+    for path, probability, cell_type in labels:
+        if probability == 0.0:
+            label, defect_type = 0, None
+        elif probability == 1.0:
+            label, defect_type = 1, "defective"
+        else:
+            label, defect_type = None, None  # 1/3, 2/3: uncertain annotation, kept as unknown
+        items.append(SourceItem(
+            image_id=path, location=root.join(path), category=cell_type,
+            split="train" if path in train_ids else "test", label=label, defect_type=defect_type,
+            defect_probability=probability,
+        ))
+    return items

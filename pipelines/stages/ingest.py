@@ -1,0 +1,185 @@
+"""`ingest`: images from an MVTec tree, a folder/prefix, or ELPV -> an images dataset.
+
+The driver lists the source (cheap: names only) and cuts the list into parts of `rows_per_part`;
+Ray Data runs one task per part that reads and decodes the files and writes `part-NNNNN.parquet`.
+Undecodable files come back as rejected rows, written to `rejected.parquet` beside the parts and
+counted in the manifest and the run status. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from pipelines import datasets
+from pipelines.data.image_rows import build_image_rows
+from pipelines.data.images import DEFAULT_MAX_PIXELS
+from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec
+from pipelines.errors import InputError, SpecError
+from pipelines.spec import DatasetOutputSpec, ResourcesSpec, StepSpec, check_positive, normalize_uri
+from pipelines.stages.base import StageKind, StepContext, StepResult
+from pipelines.storage import Location, S3Settings
+from pipelines.tables import IMAGES_SCHEMA, REJECTED_SCHEMA
+
+REJECTED_NAME = "rejected.parquet"
+
+
+@dataclass(frozen=True)
+class MVTecSource:
+    type: Literal["mvtec"]
+    uri: str
+    categories: tuple[str, ...] | None = None
+
+    def validate(self, path: str) -> MVTecSource:
+        return MVTecSource(self.type, normalize_uri(self.uri, f"{path}.uri"), self.categories)
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    type: Literal["folder"]
+    uri: str
+    category: str | None = None
+    split: Literal["train", "test"] = "test"
+
+    def validate(self, path: str) -> FolderSource:
+        return FolderSource(self.type, normalize_uri(self.uri, f"{path}.uri"), self.category, self.split)
+
+
+@dataclass(frozen=True)
+class ELPVSource:
+    type: Literal["elpv"]
+    uri: str | None = None  # a folder with labels.csv + images/; default: the elpv-dataset package
+    categories: tuple[Literal["mono", "poly"], ...] | None = None
+    normal_train_fraction: float = 0.6  # of each cell type's normal cells; the rest are test
+    split_seed: int = 0
+
+    def validate(self, path: str) -> ELPVSource:
+        if not 0.0 <= self.normal_train_fraction <= 1.0:
+            raise SpecError(f"{path}.normal_train_fraction", f"must be in [0, 1], got {self.normal_train_fraction}")
+        uri = normalize_uri(self.uri, f"{path}.uri") if self.uri else None
+        return ELPVSource(self.type, uri, self.categories, self.normal_train_fraction, self.split_seed)
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    source: MVTecSource | FolderSource | ELPVSource
+    outputs: DatasetOutputSpec
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    resources: ResourcesSpec = ResourcesSpec()
+
+    def validate(self, path: str) -> IngestParams:
+        check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")
+        return self
+
+
+def list_source(source: MVTecSource | FolderSource | ELPVSource, settings: S3Settings) -> list[SourceItem]:
+    if isinstance(source, MVTecSource):
+        return list_mvtec(Location.parse(source.uri, settings), source.categories)
+    if isinstance(source, FolderSource):
+        return list_folder(Location.parse(source.uri, settings), source.category, source.split)
+    root = Location.parse(source.uri, settings) if source.uri else None
+    return list_elpv(root, source.categories, source.normal_train_fraction, source.split_seed)
+
+
+# ---- items travel to Ray tasks as JSON; the filesystem travels once, as a task argument ----------
+
+def _item_to_json(item: SourceItem) -> dict[str, Any]:
+    return {"image_id": item.image_id, "uri": item.location.uri, "category": item.category,
+            "split": item.split, "label": item.label, "defect_type": item.defect_type,
+            "mask": item.mask.uri if item.mask else None, "mask_expected": item.mask_expected,
+            "partition": item.partition, "defect_probability": item.defect_probability}
+
+
+def _item_from_json(data: dict[str, Any], fs: pafs.FileSystem, settings: S3Settings) -> SourceItem:
+    return SourceItem(
+        image_id=data["image_id"], location=Location(data["uri"], fs, settings), category=data["category"],
+        split=data["split"], label=data["label"], defect_type=data["defect_type"],
+        mask=Location(data["mask"], fs, settings) if data["mask"] else None,
+        mask_expected=data["mask_expected"], partition=data["partition"],
+        defect_probability=data["defect_probability"],
+    )
+
+
+def _ingest_part(task: dict[str, Any], *, folder: Location, source_fs: pafs.FileSystem,
+                 source_settings: S3Settings, max_pixels: int) -> dict[str, Any]:
+    index, fingerprint = int(task["index"]), task["fingerprint"]
+    done = datasets.completed_part(folder, index, fingerprint)
+    if done is not None:
+        return {"index": index, "record": json.dumps(done.__dict__), "skipped": True}
+    items = [_item_from_json(d, source_fs, source_settings) for d in json.loads(task["items"])]
+    built = build_image_rows(items, max_pixels)
+    rejected = built.rejected.to_pylist()
+    record = datasets.write_part(folder, index, built.images, fingerprint,
+                                 extra={"rejected": rejected, "missing_masks": built.missing_masks})
+    return {"index": index, "record": json.dumps(record.__dict__), "skipped": False}
+
+
+def run(step: StepSpec, context: StepContext) -> StepResult:
+    params: IngestParams = step.params
+    items = list_source(params.source, context.root.settings)
+    if not items:
+        raise InputError(f"the {params.source.type} source has no images")
+    folder = context.dataset_folder(params.outputs)
+    size = params.outputs.rows_per_part
+    tasks = []
+    for index, start in enumerate(range(0, len(items), size)):
+        chunk = [_item_to_json(item) for item in items[start:start + size]]
+        tasks.append({"index": index, "items": json.dumps(chunk),
+                      "fingerprint": datasets.fingerprint([chunk, params.max_image_pixels])})
+    context.log("ingest listed source", files=len(items), parts=len(tasks), output=folder.uri)
+
+    source_fs = items[0].location.fs
+    results = (
+        ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        .map(_ingest_part,
+             fn_kwargs={"folder": folder, "source_fs": source_fs, "source_settings": items[0].location.settings,
+                        "max_pixels": params.max_image_pixels},
+             num_cpus=params.resources.cpus_per_worker,
+             compute=ray.data.TaskPoolStrategy(size=params.resources.workers))
+        .take_all()
+    )
+    records = [datasets.PartRecord(**json.loads(r["record"])) for r in sorted(results, key=lambda r: r["index"])]
+    if len(records) != len(tasks):
+        raise RuntimeError(f"ingest wrote {len(records)} parts for {len(tasks)} inputs")
+    rejected = [row for r in records for row in r.extra["rejected"]]
+    missing_masks = sum(r.extra["missing_masks"] for r in records)
+    with folder.join(REJECTED_NAME).open_atomic_output() as stream:
+        pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), stream)
+    # The manifest keeps per-part counts; the rejected rows themselves live in rejected.parquet.
+    records = [replace(r, extra={**r.extra, "rejected": len(r.extra["rejected"])}) for r in records]
+    manifest = datasets.publish(
+        folder, name=params.outputs.dataset, version=folder.name, table="images", schema=IMAGES_SCHEMA,
+        parts=records,
+        lineage=context.lineage(source={"type": params.source.type,
+                                        "uri": getattr(params.source, "uri", None) or items[0].location.parent().uri}),
+        extra={"rejected": {"path": REJECTED_NAME, "rows": len(rejected)}, "missing_masks": missing_masks,
+               "source_files": len(items)},
+    )
+    skipped = sum(1 for r in results if r["skipped"])
+    summary = [f"ingested {manifest.rows} images from {len(items)} files into {folder.uri} "
+               f"({len(records)} parts{f', {skipped} already done' if skipped else ''})"]
+    if rejected:
+        summary.append(f"rejected {len(rejected)} files (reasons in {folder.join(REJECTED_NAME).uri}):")
+        summary.extend(f"  {row['source_uri']}: {row['reason']}" for row in rejected[:10])
+        if len(rejected) > 10:
+            summary.append(f"  ... and {len(rejected) - 10} more")
+    if missing_masks:
+        summary.append(f"{missing_masks} anomalous test images have no readable ground-truth mask")
+    return StepResult(output=folder.uri, rows=manifest.rows, rejected=len(rejected),
+                      details={"source_files": len(items), "parts": len(records), "parts_reused": skipped,
+                               "missing_masks": missing_masks},
+                      summary=tuple(summary))
+
+
+def published_record(step: StepSpec, context: StepContext) -> Location:
+    return context.dataset_folder(step.params.outputs).join(datasets.MANIFEST_NAME)
+
+
+KIND = StageKind(name="ingest", params=IngestParams, run=run, published_record=published_record)
