@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".adpipe" / "objectstore"
@@ -35,9 +35,9 @@ START_TIMEOUT_S = 60.0
 class ObjectStore:
     endpoint: str
     access_key: str
-    secret_key: str
-    pid: int
-    data_dir: str
+    secret_key: str = field(repr=False)  # never shown in logs or test reports
+    pid: int = 0
+    data_dir: str = ""
 
     def env(self) -> dict[str, str]:
         """The environment a client needs (contains the secret: never print it)."""
@@ -140,6 +140,9 @@ def start(state_dir: Path, buckets: list[str] = ()) -> ObjectStore:
         weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master_port}", f"-volume.port={volume_port}", f"-filer.port={filer_port}",
         "-s3", f"-s3.port={s3_port}", f"-s3.config={config_path}",
+        # SeaweedFS 4.x also starts an Iceberg catalog (:8181) and a Lance server (:9101) beside
+        # S3 on fixed ports: a second server on the machine then dies at start-up. We need neither.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
         # Small volumes: the default reserves 30 GB-sized volume slots on a test machine's disk.
         "-master.volumeSizeLimitMB=256", "-volume.max=0",
     ]

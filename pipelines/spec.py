@@ -71,7 +71,7 @@ def normalize_uri(value: str, field_path: str, *, schemes: tuple[str, ...] = ("f
 
 
 def check_positive(value: float, field_path: str, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (allow_zero and value == 0)):  # written so that NaN fails too
         bound = ">= 0" if allow_zero else "> 0"
         raise SpecError(field_path, f"must be {bound}, got {value}")
 
@@ -301,7 +301,7 @@ def _convert_tagged(members: list[type], value: Any, path: str) -> Any:
     if not isinstance(value, Mapping):
         raise SpecError(path, f"expected a mapping with a 'type' of {', '.join(map(repr, by_tag))}, got {_describe(value)}")
     tag = value.get("type")
-    if tag not in by_tag:
+    if not isinstance(tag, str) or tag not in by_tag:
         raise SpecError(f"{path}.type", f"{_describe(tag)} is not allowed; expected one of {', '.join(map(repr, by_tag))}")
     return parse_dataclass(by_tag[tag], value, path)
 
@@ -314,6 +314,24 @@ def unknown_key_error(key: Any, allowed: typing.Iterable[str], path: str) -> Spe
     return SpecError(where, f"unknown key {key!r}{hint} (allowed keys: {', '.join(allowed)})")
 
 
+def check_keys(data: Mapping[Any, Any], allowed: typing.Iterable[str], path: str) -> None:
+    """Refuse keys outside `allowed`, with a "did you mean" (or a word on credentials)."""
+    allowed = list(allowed)
+    for key in data:
+        if key not in allowed:
+            if str(key).lower() in ("access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "password", "token"):
+                raise SpecError(f"{path}.{key}" if path else str(key),
+                                "credentials are not allowed in a job spec; set AWS_ACCESS_KEY_ID / "
+                                "AWS_SECRET_ACCESS_KEY in the environment or the AWS credentials file")
+            raise unknown_key_error(key, allowed, path)
+
+
+def _param_keys(kind: str) -> list[str]:
+    from pipelines.stages import STAGE_KINDS
+
+    return [f.name for f in dataclasses.fields(STAGE_KINDS[kind].params) if f.init]
+
+
 def parse_dataclass(cls: type, data: Any, path: str) -> Any:
     """Build a frozen dataclass from a mapping, checking keys and types; then its `validate`."""
     if not isinstance(data, Mapping):
@@ -321,13 +339,7 @@ def parse_dataclass(cls: type, data: Any, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = [f.name for f in fields]
-    for key in data:
-        if key not in names:
-            if str(key).lower() in ("access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "password", "token"):
-                raise SpecError(f"{path}.{key}" if path else str(key),
-                                "credentials are not allowed in a job spec; set AWS_ACCESS_KEY_ID / "
-                                "AWS_SECRET_ACCESS_KEY in the environment or the AWS credentials file")
-            raise unknown_key_error(key, names, path)
+    check_keys(data, names, path)
     kwargs = {}
     for f in fields:
         sub = f"{path}.{f.name}" if path else f.name
@@ -367,6 +379,8 @@ def parse_spec(data: Any) -> JobSpec:
     kind = data["kind"]
     if kind not in kinds:
         raise SpecError("kind", f"{_describe(kind)} is not a job kind; expected one of {', '.join(map(repr, kinds))}")
+    # Unknown keys first: a misspelt `storge` is a typo to point at, not a missing `storage`.
+    check_keys(data, [*COMMON_KEYS, *(["steps"] if kind == "pipeline" else _param_keys(kind))], "")
     if "name" not in data:
         raise SpecError("name", f"missing required field ({NAME_RULE})")
     name = _convert(str, data["name"], "name")
@@ -390,9 +404,8 @@ def parse_spec(data: Any) -> JobSpec:
 
 
 def _parse_pipeline_steps(body: Mapping[str, Any]) -> tuple[StepSpec, ...]:
-    for key in body:
-        if key != "steps":
-            raise unknown_key_error(key, [*COMMON_KEYS, "steps"], "")
+    from pipelines.stages import STAGE_KINDS
+
     raw_steps = body.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         raise SpecError("steps", f"a pipeline needs a non-empty list of steps, got {_describe(raw_steps)}")
@@ -401,17 +414,22 @@ def _parse_pipeline_steps(body: Mapping[str, Any]) -> tuple[StepSpec, ...]:
         path = f"steps[{index}]"
         if not isinstance(raw, Mapping):
             raise SpecError(path, f"expected a mapping with 'name' and 'kind', got {_describe(raw)}")
-        for required in ("name", "kind"):
-            if required not in raw:
-                raise SpecError(f"{path}.{required}", "missing required field")
         for key in ("storage", "ray", "schedule"):
             if key in raw:
                 raise SpecError(f"{path}.{key}", f"'{key}' is set once for the whole pipeline, at the top level")
+        step_kinds = ", ".join(map(repr, STAGE_KINDS))
+        if "kind" not in raw:
+            check_keys(raw, ["name", "kind", *dict.fromkeys(k for s in STAGE_KINDS for k in _param_keys(s))], path)
+            raise SpecError(f"{path}.kind", f"missing required field; expected one of {step_kinds}")
+        step_kind = _convert(str, raw["kind"], f"{path}.kind")
+        if step_kind in STAGE_KINDS:
+            check_keys(raw, ["name", "kind", *_param_keys(step_kind)], path)
+        if "name" not in raw:
+            raise SpecError(f"{path}.name", f"missing required field ({NAME_RULE})")
         step_name = _convert(str, raw["name"], f"{path}.name")
         check_name(step_name, f"{path}.name")
         if any(s.name == step_name for s in steps):
             raise SpecError(f"{path}.name", f"duplicate step name {step_name!r}")
-        step_kind = _convert(str, raw["kind"], f"{path}.kind")
         body = {k: v for k, v in raw.items() if k not in ("name", "kind")}
         step = _parse_step(step_kind, step_name, body, path)
         _check_references(step, [s.name for s in steps], path)

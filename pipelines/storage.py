@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines.errors import InputError, StorageError
@@ -160,7 +161,7 @@ class Location:
     def list_files(self, recursive: bool = True) -> list[Location]:
         """Files (not folders, not S3 directory-marker keys) below this folder, sorted by URI."""
         with self._errors("list"):
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
         base = self.uri
         out = []
         for info in infos:
@@ -198,10 +199,14 @@ class Location:
                     if os.path.exists(temporary):
                         os.unlink(temporary)
             else:
-                # An S3 multipart upload is only committed when the stream closes cleanly; on an
-                # exception pyarrow aborts it, so a reader never sees a partial object.
+                # pyarrow's S3 stream commits the upload when it is closed, even when the block
+                # raised (Python cannot abort it), so the content is buffered and only uploaded
+                # once complete. Parts are bounded by rows_per_part, so the buffer stays small.
+                buffer = pa.BufferOutputStream()
+                yield buffer
+                data = buffer.getvalue()
                 with self.fs.open_output_stream(self.path) as stream:
-                    yield stream
+                    stream.write(data)
 
     def write_bytes(self, data: bytes) -> None:
         with self.open_atomic_output() as stream:

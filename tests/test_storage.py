@@ -1,0 +1,104 @@
+"""The URI layer on local files and on a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.errors import InputError, StorageError
+from pipelines.storage import Location, S3Settings
+
+
+def test_round_trip_bytes_json_and_listing(any_root):
+    root = Location.parse(any_root)
+    root.join("a", "one.json").write_json({"x": 1})
+    root.join("a", "b", "two.bin").write_bytes(b"\x00\x01")
+    assert root.join("a", "one.json").read_json() == {"x": 1}
+    assert root.join("a", "b", "two.bin").read_bytes() == b"\x00\x01"
+    assert root.join("a", "one.json").exists() and root.join("a", "one.json").is_file()
+    assert not root.join("a", "nope.json").exists()
+    listed = [loc.uri for loc in root.join("a").list_files()]
+    assert listed == [f"{root.uri}/a/b/two.bin", f"{root.uri}/a/one.json"]
+    assert [loc.uri for loc in root.join("a").list_files(recursive=False)] == [f"{root.uri}/a/one.json"]
+    assert [loc.name for loc in root.join("a").list_dirs()] == ["b"]
+
+
+def test_failed_write_leaves_nothing(any_root):
+    target = Location.parse(any_root).join("partial.parquet")
+    with pytest.raises(RuntimeError, match="boom"):
+        with target.open_atomic_output() as stream:
+            stream.write(b"x" * 100_000)
+            raise RuntimeError("boom")
+    assert not target.exists()
+    # and nothing else is left behind under a temporary name either
+    assert Location.parse(any_root).list_files() == []
+
+
+def test_parquet_readable_with_plain_pyarrow(any_root):
+    target = Location.parse(any_root).join("t.parquet")
+    with target.open_atomic_output() as stream:
+        pq.write_table(pa.table({"a": [1, 2, 3]}), stream)
+    assert pq.read_table(target.path, filesystem=target.fs).column("a").to_pylist() == [1, 2, 3]
+
+
+def test_missing_file_is_an_input_error_naming_the_uri(any_root):
+    missing = Location.parse(any_root).join("missing.json")
+    with pytest.raises(InputError, match="missing.json.*not found"):
+        missing.read_json()
+
+
+def test_invalid_json_is_reported(any_root):
+    location = Location.parse(any_root).join("bad.json")
+    location.write_bytes(b"{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        location.read_json()
+
+
+def test_unsupported_scheme():
+    with pytest.raises(InputError, match="unsupported storage URI"):
+        Location.parse("gs://bucket/x")
+
+
+def test_wrong_secret_is_rejected_without_printing_it(s3_store, s3_root, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-123")
+    fs = storage._s3_filesystem(S3Settings())
+    location = Location(f"{s3_root}/x.json", fs)
+    with pytest.raises(StorageError) as caught:
+        location.write_bytes(b"{}")
+    message = str(caught.value)
+    assert "not-the-secret-123" not in message and s3_store.secret_key not in message
+    assert "secret key does not match" in message or "access denied" in message
+
+
+def test_unknown_access_key_is_rejected(s3_store, s3_root, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    fs = storage._s3_filesystem(S3Settings())
+    with pytest.raises(StorageError, match="access key|access denied"):
+        Location(f"{s3_root}/x.json", fs).write_bytes(b"{}")
+
+
+def test_missing_bucket_is_reported(s3_store):
+    # (SeaweedFS creates buckets on upload for admin identities, so this reads rather than writes.)
+    with pytest.raises((InputError, StorageError), match="no-such-bucket-xyz"):
+        Location.parse("s3://no-such-bucket-xyz/a/b.json").read_bytes()
+
+
+def test_unreachable_endpoint_fails_fast_with_a_clear_message(s3_store):
+    from pipelines.objectstore import free_port
+
+    settings = S3Settings(endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageError, match="cannot connect|endpoint"):
+        Location.parse("s3://adpipe-test/x.json", settings).read_bytes()
+
+
+def test_endpoint_comes_from_environment(s3_store):
+    assert S3Settings().resolved_endpoint() == s3_store.endpoint
+    assert S3Settings(endpoint="http://other:9000").resolved_endpoint() == "http://other:9000"
+
+
+def test_location_repr_has_no_credentials(s3_store, s3_root):
+    location = Location.parse(s3_root)
+    assert s3_store.secret_key not in repr(location)
+    assert s3_store.secret_key not in location.describe()
