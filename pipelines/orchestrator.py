@@ -65,7 +65,10 @@ def ray_runtime(ray_spec: RaySpec, address_override: str | None = None) -> Itera
     kwargs: dict[str, Any] = {"log_to_driver": os.environ.get("ADPIPE_RAY_LOG_TO_DRIVER", "1") == "1",
                               "configure_logging": False}
     if address == "local":
-        kwargs.update(num_cpus=ray_spec.num_cpus, num_gpus=ray_spec.num_gpus, include_dashboard=False)
+        # address="local" always starts a new embedded instance; without it ray.init() would join
+        # whatever cluster /tmp/ray/ray_current_cluster or $RAY_ADDRESS points at.
+        kwargs.update(address="local", num_cpus=ray_spec.num_cpus, num_gpus=ray_spec.num_gpus,
+                      include_dashboard=False)
     else:
         kwargs["address"] = address
     ray.init(**kwargs)
@@ -134,11 +137,13 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
         record.finish(error=str(error))
         raise
     except Exception as error:  # a bug or an infrastructure failure: keep the traceback in the record
-        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        message = f"{type(error).__name__}: {first_line}"
         if current is not None:
             record.step_failed(current, time.monotonic() - started, message)
         record.finish(error=message, detail=traceback.format_exc())
-        raise JobFailed(f"run {run_id} failed in step {current!r}: {message} "
+        where = f"in step {current!r}" if current else "before its first step"
+        raise JobFailed(f"run {run_id} failed {where}: {message} "
                         f"(traceback in {record.folder.join('error.txt').uri})") from error
     record.finish()
     echo(f"run {run_id} succeeded")

@@ -1,0 +1,55 @@
+"""Decode stored image bytes into the fixed-size RGB arrays models take (pure: no Ray, no torch).
+
+Grayscale is replicated to three channels, 16-bit images are scaled to 8 bits by their bit depth,
+alpha is dropped (composited over black), and the result is resized to `size x size` with an
+antialiased bilinear filter. Failures raise `ImageDecodeError` with the reason for the row.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from pipelines.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        image = Image.fromarray(((array - array.min()) / span * 255.0 + 0.5).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba)
+    return image.convert("RGB")
+
+
+def decode_rgb(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> (size, size, 3) uint8."""
+    inspect_image(data, max_pixels)  # the full decode check, with the reasons users see
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = to_rgb8(image)
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_mask(data: bytes | None, size: int) -> np.ndarray | None:
+    """Mask PNG -> (size, size) bool (nearest resize, so edges stay binary), or None."""
+    if not data:
+        return None
+    with Image.open(io.BytesIO(data)) as image:
+        mask = image.convert("L")
+        if mask.size != (size, size):
+            mask = mask.resize((size, size), Image.Resampling.NEAREST)
+        return np.asarray(mask) > 127

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of scores against labels, and the HTML report of an evaluate run."""

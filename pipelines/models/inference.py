@@ -1,0 +1,57 @@
+"""Running a detector over decoded images, reproducibly (pure torch/numpy, no Ray).
+
+CPU kernels give slightly different floats for the same image in batches of different size or
+content layout, so "same input, same bytes out" needs a fixed batch geometry: an image with row
+index r of its input part is always scored in slot r % B of a zero-padded batch of exactly B
+images, with the rows r // B of the same part. However a pipeline regroups rows, every image is
+computed by the same instructions, and a rerun reproduces its score bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def score_in_slots(model: torch.nn.Module, pixels: np.ndarray, rows: np.ndarray, batch_size: int,
+                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and maps (N, S, S) of images whose row indices in their part are `rows`."""
+    rows = np.asarray(rows, dtype=np.int64)
+    count, size = len(rows), pixels.shape[1]
+    scores = np.zeros(count, np.float32)
+    maps = np.zeros((count, size, size), np.float32)
+    for group in np.unique(rows // batch_size):
+        members = np.flatnonzero(rows // batch_size == group)
+        slots = rows[members] % batch_size
+        batch = np.zeros((batch_size, *pixels.shape[1:]), np.uint8)
+        batch[slots] = pixels[members]
+        with torch.inference_mode():
+            batch_scores, batch_maps = model(to_tensor(batch, device))
+        scores[members] = batch_scores[torch.as_tensor(slots)].float().cpu().numpy()
+        maps[members] = batch_maps[torch.as_tensor(slots)].float().cpu().numpy()
+    return scores, maps
+
+
+def encode_map(anomaly_map: np.ndarray) -> tuple[bytes, float, float]:
+    """An anomaly map as an 8-bit PNG scaled by its own min/max (kept beside it)."""
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    span = high - low if high > low else 1.0
+    quantized = np.clip((anomaly_map - low) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(quantized, "L").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue(), low, high
+
+
+def decode_map(data: bytes, low: float, high: float) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        quantized = np.asarray(image, dtype=np.float32)
+    span = high - low if high > low else 1.0
+    return low + quantized / 255.0 * span

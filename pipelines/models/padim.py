@@ -1,0 +1,166 @@
+"""PaDiM (Defard et al., 2020): a Gaussian per feature position, Mahalanobis distance as the map.
+
+Pure torch. Fitting is streamed: `PadimStatistics` keeps the count, the per-position sum and the
+per-position sum of outer products of the embeddings, so memory does not grow with the number
+of images, and partial statistics from several workers merge by addition. The random channel
+subset is drawn once from the seed and saved with the model, so a reload scores identically.
+
+Embedding: features of the configured backbone stages, each upsampled (nearest) to the first
+stage's grid and concatenated, then `kept_channels` of them chosen at random.
+Covariance: unbiased sample covariance + `covariance_epsilon * I`. Map: Mahalanobis distance per
+position, bilinearly upsampled to the input size and smoothed with a Gaussian (sigma 4), as in
+the reference implementation; image score: the map's maximum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.models.backbones import FeatureExtractor
+
+
+@dataclass(frozen=True)
+class PadimConfig:
+    backbone: str = "efficientnet_lite0"
+    stages: tuple[int, ...] = (1, 2, 3)
+    kept_channels: int = 100
+    image_size: int = 256
+    covariance_epsilon: float = 0.01
+    map_sigma: float = 4.0
+    seed: int = 0
+
+
+class PadimStatistics:
+    """Sufficient statistics of the embeddings, per position; float64 so that sums stay exact."""
+
+    def __init__(self, channels: int, positions: int):
+        self.count = 0
+        self.sum = torch.zeros(positions, channels, dtype=torch.float64)
+        self.sum_outer = torch.zeros(positions, channels, channels, dtype=torch.float64)
+
+    def update(self, embedding: torch.Tensor) -> None:
+        """embedding: (B, D, H, W)."""
+        b, d, h, w = embedding.shape
+        flat = embedding.reshape(b, d, h * w).permute(2, 0, 1).to(torch.float64)  # (P, B, D)
+        self.count += b
+        self.sum += flat.sum(dim=1)
+        self.sum_outer += torch.bmm(flat.transpose(1, 2), flat)
+
+    def merge(self, other: PadimStatistics) -> PadimStatistics:
+        self.count += other.count
+        self.sum += other.sum
+        self.sum_outer += other.sum_outer
+        return self
+
+    def gaussian(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (P, D), inverse covariance (P, D, D)), both float32."""
+        if self.count < 2:
+            raise ValueError(f"PaDiM needs at least 2 training images, got {self.count}")
+        mean = self.sum / self.count
+        covariance = (self.sum_outer - self.count * mean[:, :, None] * mean[:, None, :]) / (self.count - 1)
+        covariance += epsilon * torch.eye(covariance.shape[-1], dtype=torch.float64)
+        return mean.float(), torch.linalg.inv(covariance).float()
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4 * sigma + 0.5)  # scipy's truncate=4.0
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with reflected borders."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps)
+    radius = kernel.numel() // 2
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+class Padim(nn.Module):
+    def __init__(self, config: PadimConfig, channel_indices: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.extractor = FeatureExtractor(config.backbone, config.stages)
+        total = sum(info.channels for info in self.extractor.feature_info)
+        if not 0 < config.kept_channels <= total:
+            raise ValueError(f"kept_channels must be in 1..{total} for stages {list(config.stages)}, "
+                             f"got {config.kept_channels}")
+        if channel_indices is None:
+            generator = torch.Generator().manual_seed(config.seed)
+            channel_indices = torch.randperm(total, generator=generator)[: config.kept_channels].sort().values
+        self.register_buffer("channel_indices", channel_indices.long())
+        self.grid = config.image_size // self.extractor.feature_info[0].stride
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("inverse_covariance", torch.empty(0))
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    def new_statistics(self) -> PadimStatistics:
+        return PadimStatistics(self.config.kept_channels, self.grid * self.grid)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) in [0, 1] -> embedding (B, kept_channels, S/stride, S/stride)."""
+        if images.shape[-2:] != (self.config.image_size, self.config.image_size):
+            raise ValueError(f"PaDiM expects {self.config.image_size}x{self.config.image_size} inputs, "
+                             f"got {tuple(images.shape[-2:])}")
+        features = self.extractor(images)
+        size = features[0].shape[-2:]
+        stacked = torch.cat([features[0]] + [F.interpolate(f, size=size, mode="nearest") for f in features[1:]], 1)
+        return stacked.index_select(1, self.channel_indices.to(stacked.device)).float()
+
+    def set_gaussian(self, statistics: PadimStatistics) -> None:
+        mean, inverse = statistics.gaussian(self.config.covariance_epsilon)
+        self.mean = mean.to(self.channel_indices.device)
+        self.inverse_covariance = inverse.to(self.channel_indices.device)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image scores (B,), anomaly maps (B, S, S)), float32."""
+        if not self.fitted:
+            raise RuntimeError("PaDiM model is not fitted")
+        embedding = self.embed(images)
+        b, d, h, w = embedding.shape
+        delta = embedding.reshape(b, d, h * w).permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, D)
+        squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1).clamp_min(0)  # (P, B)
+        distance = squared.sqrt().T.reshape(b, 1, h, w)
+        maps = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = gaussian_blur(maps, self.config.map_sigma)
+        return maps.amax(dim=(1, 2)), maps
+
+    # ---- what is saved: config + tensors ------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        # clone: models of several categories share one channel_indices tensor, safetensors refuses aliases
+        return {"channel_indices": self.channel_indices.cpu().clone(), "mean": self.mean.cpu().contiguous(),
+                "inverse_covariance": self.inverse_covariance.cpu().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, config: PadimConfig, tensors: dict[str, torch.Tensor]) -> Padim:
+        model = cls(config, channel_indices=tensors["channel_indices"])
+        model.mean = tensors["mean"].float()
+        model.inverse_covariance = tensors["inverse_covariance"].float()
+        return model
+
+
+def config_from_json(data: dict) -> PadimConfig:
+    names = {f.name for f in dataclasses.fields(PadimConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown PaDiM config keys {sorted(unknown)}")
+    data = dict(data)
+    if "stages" in data:
+        data["stages"] = tuple(data["stages"])
+    return PadimConfig(**data)

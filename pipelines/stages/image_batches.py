@@ -1,0 +1,90 @@
+"""Ray glue shared by the stages that feed images to models: pick rows, decode them in CPU tasks.
+
+The driver reads only the small columns of an images dataset to choose rows (cheap), then Ray
+Data runs one decode task per input part, which reads that part's image bytes and emits fixed-size
+RGB arrays with the row's identity (`_part`, `_row`) and an `error` for undecodable rows ("" when
+the row decoded: a None would come back as NaN from Ray Data's object columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+
+from pipelines import datasets
+from pipelines.data.images import ImageDecodeError
+from pipelines.data.preprocess import decode_rgb
+from pipelines.storage import Location
+
+ROW_COLUMNS = ["image_id", "category", "split", "label"]
+
+
+@dataclass(frozen=True)
+class PartSelection:
+    part: int
+    location: Location
+    rows: tuple[int, ...]  # row indices within the part file
+
+
+def read_row_columns(folder: Location, manifest: datasets.Manifest) -> list[pa.Table]:
+    """The small per-row columns of every part, in manifest order."""
+    return [pq.read_table(loc.path, filesystem=loc.fs, columns=ROW_COLUMNS, schema=manifest.arrow_schema())
+            for loc in datasets.part_locations(folder, manifest)]
+
+
+def select_rows(folder: Location, manifest: datasets.Manifest,
+                keep: Callable[[pa.Table], np.ndarray]) -> tuple[list[PartSelection], pa.Table]:
+    """Rows for which `keep(row_columns)` is true, per part; plus those rows' small columns."""
+    selections, kept = [], []
+    for index, (location, table) in enumerate(zip(datasets.part_locations(folder, manifest),
+                                                  read_row_columns(folder, manifest))):
+        mask = np.asarray(keep(table), dtype=bool)
+        rows = np.flatnonzero(mask)
+        selections.append(PartSelection(index, location, tuple(int(r) for r in rows)))
+        kept.append(table.filter(pa.array(mask)).append_column("_part", pa.array(np.full(len(rows), index)))
+                    .append_column("_row", pa.array(rows)))
+    return selections, (pa.concat_tables(kept) if kept else pa.table({}))
+
+
+def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+    """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded."""
+    out: dict[str, list] = {k: [] for k in ("_part", "_row", *ROW_COLUMNS, "pixels", "error")}
+    for part, location, rows in zip(task["part"], task["location"], task["rows"]):
+        table = pq.read_table(location.path, filesystem=location.fs, columns=["image", *ROW_COLUMNS])
+        rows = [int(r) for r in rows]
+        for row, record in zip(rows, table.take(pa.array(rows, pa.int64())).to_pylist()):
+            try:
+                pixels, error = decode_rgb(record["image"], image_size, max_pixels), ""
+            except ImageDecodeError as failure:
+                pixels, error = np.zeros((image_size, image_size, 3), np.uint8), str(failure)
+            out["_part"].append(int(part))
+            out["_row"].append(row)
+            for column in ROW_COLUMNS:
+                out[column].append(record[column])
+            out["pixels"].append(pixels)
+            out["error"].append(error)
+    size = image_size
+    return {
+        "_part": np.asarray(out["_part"], np.int64), "_row": np.asarray(out["_row"], np.int64),
+        "image_id": np.asarray(out["image_id"], object), "category": np.asarray(out["category"], object),
+        "split": np.asarray(out["split"], object),
+        "label": np.asarray([-1 if v is None else v for v in out["label"]], np.int8),  # -1: unknown
+        "pixels": np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8),
+        "error": np.asarray(out["error"], object),
+    }
+
+
+def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int,
+                   cpus_per_task: float = 1.0) -> ray.data.Dataset:
+    """A Ray dataset of decoded rows (one decode task per part with selected rows)."""
+    tasks = [{"part": s.part, "location": s.location, "rows": list(s.rows)} for s in selections if s.rows]
+    if not tasks:
+        raise ValueError("no rows selected")
+    return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        decode_parts, fn_kwargs={"image_size": image_size, "max_pixels": max_pixels},
+        batch_size=1, num_cpus=cpus_per_task)
