@@ -180,6 +180,25 @@ class DatasetInputSpec:
 
 
 @dataclass(frozen=True)
+class ModelInputSpec:
+    """A model a step reads: `step:<name>` (an earlier train step's output) or a model URI."""
+
+    uri: str
+
+    def validate(self, path: str) -> ModelInputSpec:
+        if self.uri.startswith(STEP_REFERENCE_PREFIX):
+            check_name(self.uri[len(STEP_REFERENCE_PREFIX) :], f"{path}.uri")
+            return self
+        return ModelInputSpec(normalize_uri(self.uri, f"{path}.uri"))
+
+    @property
+    def step_reference(self) -> str | None:
+        if self.uri.startswith(STEP_REFERENCE_PREFIX):
+            return self.uri[len(STEP_REFERENCE_PREFIX) :]
+        return None
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """One stage invocation. A single-kind job is a pipeline of one step named after the job."""
 
@@ -442,8 +461,9 @@ def step_references(params: Any) -> list[tuple[str, str]]:
     found = []
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
-        if isinstance(value, DatasetInputSpec) and value.step_reference:
-            found.append((f"{f.name}.dataset", value.step_reference))
+        if isinstance(value, (DatasetInputSpec, ModelInputSpec)) and value.step_reference:
+            inner = "dataset" if isinstance(value, DatasetInputSpec) else "uri"
+            found.append((f"{f.name}.{inner}", value.step_reference))
     return found
 
 
@@ -505,7 +525,7 @@ def dump_spec(spec: JobSpec) -> str:
 
 
 __all__ = [
-    "DatasetInputSpec", "DatasetOutputSpec", "JobSpec", "RaySpec", "ResourcesSpec", "StepSpec",
+    "DatasetInputSpec", "DatasetOutputSpec", "JobSpec", "ModelInputSpec", "RaySpec", "ResourcesSpec", "StepSpec",
     "StorageSpec", "dump_spec", "load_spec", "load_spec_text", "normalize_uri",
     "parse_dataclass", "parse_spec", "spec_to_data", "step_references",
 ]

@@ -37,3 +37,22 @@ REJECTED_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("reason", pa.string()),
 ])
+
+# One row per input image, always: a row that could not be decoded or scored keeps its image_id
+# and carries `error` (null = ok), with null score.
+SCORES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("category", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.int8()),               # ground truth copied from the images table (null = unknown)
+    ("model", pa.string()),             # <name>@<version>
+    ("score", pa.float32()),
+    ("label_pred", pa.bool_()),         # score >= threshold
+    ("threshold", pa.float32()),
+    ("anomaly_map", pa.binary()),       # 8-bit PNG scaled to [anomaly_map_min, anomaly_map_max], or null
+    ("anomaly_map_min", pa.float32()),
+    ("anomaly_map_max", pa.float32()),
+    ("error", pa.string()),
+    ("run_id", pa.string()),
+    ("scored_at", pa.timestamp("s", tz="UTC")),
+])

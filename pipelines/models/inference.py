@@ -4,7 +4,8 @@ CPU kernels give slightly different floats for the same image in batches of diff
 content layout, so "same input, same bytes out" needs a fixed batch geometry: an image with row
 index r of its input part is always scored in slot r % B of a zero-padded batch of exactly B
 images, with the rows r // B of the same part. However a pipeline regroups rows, every image is
-computed by the same instructions, and a rerun reproduces its score bit for bit.
+computed by the same instructions, and a rerun reproduces its score bit for bit. (Callers pass
+the position among the part's selected rows, so that consecutive rows fill whole batches.)
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ class PadimStatistics:
         mean = self.sum / self.count
         covariance = (self.sum_outer - self.count * mean[:, :, None] * mean[:, None, :]) / (self.count - 1)
         covariance += epsilon * torch.eye(covariance.shape[-1], dtype=torch.float64)
-        return mean.float(), torch.linalg.inv(covariance).float()
+        # contiguous: linalg.inv returns column-major storage, and bmm's kernel (so the last bits
+        # of a score) depends on the layout; saved-and-reloaded tensors must compute the same.
+        return mean.float().contiguous(), torch.linalg.inv(covariance).float().contiguous()
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -143,15 +145,14 @@ class Padim(nn.Module):
     # ---- what is saved: config + tensors ------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        # clone: models of several categories share one channel_indices tensor, safetensors refuses aliases
-        return {"channel_indices": self.channel_indices.cpu().clone(), "mean": self.mean.cpu().contiguous(),
+        return {"channel_indices": self.channel_indices.cpu(), "mean": self.mean.cpu().contiguous(),
                 "inverse_covariance": self.inverse_covariance.cpu().contiguous()}
 
     @classmethod
     def from_tensors(cls, config: PadimConfig, tensors: dict[str, torch.Tensor]) -> Padim:
         model = cls(config, channel_indices=tensors["channel_indices"])
-        model.mean = tensors["mean"].float()
-        model.inverse_covariance = tensors["inverse_covariance"].float()
+        model.mean = tensors["mean"].float().contiguous()
+        model.inverse_covariance = tensors["inverse_covariance"].float().contiguous()
         return model
 
 

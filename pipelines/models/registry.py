@@ -81,7 +81,8 @@ class TrainedDetector:
 
     def save(self, folder: Location, lineage: dict[str, Any] | None = None) -> None:
         """Tensors first, config.json last: a model exists once its config does."""
-        tensors = {f"{key}/{name}": tensor for key, model in self.models.items()
+        # clone: category models may share tensors (one channel subset), which safetensors refuses
+        tensors = {f"{key}/{name}": tensor.clone() for key, model in self.models.items()
                    for name, tensor in model.tensors().items()}
         folder.join("model.safetensors").write_bytes(save_safetensors(tensors))
         folder.join("config.json").write_json({

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines.errors import SpecError
 from pipelines.runs import RunRecord
-from pipelines.spec import DatasetInputSpec, DatasetOutputSpec, StepSpec
+from pipelines.spec import DatasetInputSpec, DatasetOutputSpec, ModelInputSpec, StepSpec
 from pipelines.storage import Location
 
 
@@ -45,10 +45,12 @@ class StepContext:
     def dataset_folder(self, output: DatasetOutputSpec) -> Location:
         return self.root.join("datasets", output.dataset, output.version or self.run_id)
 
-    def input_dataset(self, spec: DatasetInputSpec) -> Location:
+    def input_dataset(self, spec: DatasetInputSpec | ModelInputSpec) -> Location:
+        """Where an input lives: an earlier step's output, or the URI given."""
         reference = spec.step_reference
         if reference is None:
-            return Location.parse(spec.dataset, self.root.settings)
+            return Location.parse(spec.dataset if isinstance(spec, DatasetInputSpec) else spec.uri,
+                                  self.root.settings)
         if reference not in self.step_outputs:
             raise SpecError(f"steps.{self.step.name}", f"step {reference!r} has no output to read")
         return Location.parse(self.step_outputs[reference], self.root.settings)

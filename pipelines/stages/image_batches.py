@@ -53,17 +53,18 @@ def select_rows(folder: Location, manifest: datasets.Manifest,
 
 def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
     """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded."""
-    out: dict[str, list] = {k: [] for k in ("_part", "_row", *ROW_COLUMNS, "pixels", "error")}
+    out: dict[str, list] = {k: [] for k in ("_part", "_row", "_seq", *ROW_COLUMNS, "pixels", "error")}
     for part, location, rows in zip(task["part"], task["location"], task["rows"]):
         table = pq.read_table(location.path, filesystem=location.fs, columns=["image", *ROW_COLUMNS])
         rows = [int(r) for r in rows]
-        for row, record in zip(rows, table.take(pa.array(rows, pa.int64())).to_pylist()):
+        for sequence, (row, record) in enumerate(zip(rows, table.take(pa.array(rows, pa.int64())).to_pylist())):
             try:
                 pixels, error = decode_rgb(record["image"], image_size, max_pixels), ""
             except ImageDecodeError as failure:
                 pixels, error = np.zeros((image_size, image_size, 3), np.uint8), str(failure)
             out["_part"].append(int(part))
             out["_row"].append(row)
+            out["_seq"].append(sequence)
             for column in ROW_COLUMNS:
                 out[column].append(record[column])
             out["pixels"].append(pixels)
@@ -71,6 +72,7 @@ def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: in
     size = image_size
     return {
         "_part": np.asarray(out["_part"], np.int64), "_row": np.asarray(out["_row"], np.int64),
+        "_seq": np.asarray(out["_seq"], np.int64),  # position among the part's selected rows
         "image_id": np.asarray(out["image_id"], object), "category": np.asarray(out["category"], object),
         "split": np.asarray(out["split"], object),
         "label": np.asarray([-1 if v is None else v for v in out["label"]], np.int8),  # -1: unknown
@@ -80,8 +82,13 @@ def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: in
 
 
 def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int,
-                   cpus_per_task: float = 1.0) -> ray.data.Dataset:
-    """A Ray dataset of decoded rows (one decode task per part with selected rows)."""
+                   cpus_per_task: float = 0.5) -> ray.data.Dataset:
+    """A Ray dataset of decoded rows (one decode task per part with selected rows).
+
+    The decode tasks ask for another CPU amount than the model actors downstream, so that Ray Data
+    does not fuse them into the actors: decoding then runs in parallel CPU tasks, not in the
+    actor's process between model calls.
+    """
     tasks = [{"part": s.part, "location": s.location, "rows": list(s.rows)} for s in selections if s.rows]
     if not tasks:
         raise ValueError("no rows selected")

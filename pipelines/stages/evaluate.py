@@ -1,0 +1,209 @@
+"""`evaluate`: scores + ground truth -> metrics.json and a self-contained report.html.
+
+Per category and as a mean over categories: image AUROC and F1-max from image scores and labels
+(rows with an error or an unknown label are left out, and counted); pixel AUROC and AUPRO (FPR
+limit 0.3 by default) where the images dataset has ground-truth masks and the scores carry
+anomaly maps. The metric code is `pipelines.evaluation.metrics`; the report is
+`pipelines.evaluation.report`. Scores tables are small (no pixels), so this runs on the driver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import datasets
+from pipelines.data.preprocess import decode_mask, decode_rgb
+from pipelines.errors import InputError, SpecError
+from pipelines.evaluation.report import CategoryReport, CurveData, ExampleImage, render_report
+from pipelines.models.inference import decode_map
+from pipelines.spec import DatasetInputSpec, StepSpec
+from pipelines.stages.base import StageKind, StepContext, StepResult
+from pipelines.storage import Location
+
+METRIC_NAMES = ("image_auroc", "image_f1_max", "pixel_auroc", "aupro")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    inputs: DatasetInputSpec  # a scores dataset
+    images: DatasetInputSpec | None = None  # default: the images dataset the scores were made from
+    fpr_limit: float = 0.3
+    anomalous_examples: int = 8
+    normal_examples: int = 4
+    seed: int = 0
+
+    def validate(self, path: str) -> EvaluateParams:
+        if not 0.0 < self.fpr_limit <= 1.0:
+            raise SpecError(f"{path}.fpr_limit" if path else "fpr_limit", f"must be in (0, 1], got {self.fpr_limit}")
+        return self
+
+
+def _read_images(images: Location, ids: set[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows of the images dataset with these ids (only the columns asked for)."""
+    if not ids:
+        return {}
+    manifest = datasets.read_manifest(images)
+    found = {}
+    for location in datasets.part_locations(images, manifest):
+        table = pq.read_table(location.path, filesystem=location.fs, columns=["image_id", *columns],
+                              filters=pc.field("image_id").isin(sorted(ids)))
+        for row in table.to_pylist():
+            found[row["image_id"]] = row
+    return found
+
+
+def _category_metrics(rows: pa.Table, images: Location, fpr_limit: float) -> tuple[dict, CategoryReport]:
+    from pipelines.evaluation import metrics
+
+    category = rows["category"][0].as_py() if rows.num_rows else None
+    labels = np.asarray(rows["label"].to_pylist(), np.int64)
+    scores = np.asarray(rows["score"].to_pylist(), np.float64)
+    thresholds = [t for t in rows["threshold"].to_pylist() if t is not None]
+    values: dict[str, float | None] = dict.fromkeys(METRIC_NAMES)
+    roc = pro = None
+    if len(set(labels)) == 2:
+        curve = metrics.roc_curve(labels, scores)
+        values["image_auroc"] = metrics.auroc(labels, scores)
+        values["image_f1_max"] = metrics.f1_max(labels, scores).f1
+        roc = CurveData("ROC", curve.fpr, curve.tpr, "false positive rate", "true positive rate", values["image_auroc"])
+        pixel = _pixel_data(rows, images)
+        if pixel is not None:
+            masks, maps = pixel
+            values["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
+            pro_curve = metrics.pro_curve(masks, maps, fpr_limit)
+            values["aupro"] = metrics.aupro(masks, maps, fpr_limit)
+            pro = CurveData(f"PRO (FPR <= {fpr_limit})", pro_curve.fpr, pro_curve.pro, "false positive rate",
+                            "per-region overlap", values["aupro"])
+    report = CategoryReport(category=str(category), metrics=values, roc=roc, pro=pro,
+                            scores_normal=scores[labels == 0], scores_anomalous=scores[labels == 1],
+                            threshold=thresholds[0] if thresholds else None)
+    return {**values, "images": int(len(labels)), "anomalous": int((labels == 1).sum())}, report
+
+
+def _pixel_data(rows: pa.Table, images: Location) -> tuple[np.ndarray, np.ndarray] | None:
+    """(masks, maps) for every row, when the maps are stored and the anomalous rows have masks."""
+    if rows["anomaly_map"].null_count == rows.num_rows:
+        return None
+    ids = rows["image_id"].to_pylist()
+    with_masks = _read_images(images, set(ids), ["mask"])
+    labels = rows["label"].to_pylist()
+    if not any(with_masks.get(i, {}).get("mask") for i, label in zip(ids, labels) if label == 1):
+        return None
+    maps, masks = [], []
+    for image_id, label, data, low, high in zip(ids, labels, rows["anomaly_map"].to_pylist(),
+                                                rows["anomaly_map_min"].to_pylist(), rows["anomaly_map_max"].to_pylist()):
+        if data is None:
+            return None
+        anomaly_map = decode_map(data, low, high)
+        mask = decode_mask(with_masks.get(image_id, {}).get("mask"), anomaly_map.shape[0])
+        if mask is None:
+            if label == 1:
+                return None  # an anomalous image without a mask: pixel metrics would be wrong
+            mask = np.zeros(anomaly_map.shape, bool)
+        maps.append(anomaly_map)
+        masks.append(mask)
+    return np.stack(masks), np.stack(maps)
+
+
+def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, seed: int
+              ) -> tuple[list[ExampleImage], list[ExampleImage]]:
+    labels = np.asarray(rows["label"].to_pylist())
+    scores = np.asarray(rows["score"].to_pylist(), np.float64)
+    top = np.argsort(-scores[labels == 1], kind="stable")[:anomalous]
+    anomalous_rows = np.flatnonzero(labels == 1)[top]
+    normals = np.flatnonzero(labels == 0)
+    normal_rows = np.random.default_rng(seed).permutation(normals)[:normal] if len(normals) else normals
+    chosen = [int(i) for i in (*anomalous_rows, *normal_rows)]
+    ids = rows["image_id"].to_pylist()
+    found = _read_images(images, {ids[i] for i in chosen}, ["image"])
+    out = []
+    for i in chosen:
+        row = {name: rows[name][i].as_py() for name in
+               ("image_id", "category", "label", "score", "anomaly_map", "anomaly_map_min", "anomaly_map_max")}
+        anomaly_map = decode_map(row["anomaly_map"], row["anomaly_map_min"], row["anomaly_map_max"]) \
+            if row["anomaly_map"] else None
+        size = anomaly_map.shape[0] if anomaly_map is not None else 256
+        image = found.get(row["image_id"], {}).get("image")
+        if image is None:
+            continue
+        out.append(ExampleImage(image_id=row["image_id"], image=decode_rgb(image, size), anomaly_map=anomaly_map,
+                                score=row["score"], label=row["label"], category=row["category"]))
+    return out[: len(anomalous_rows)], out[len(anomalous_rows):]
+
+
+def run(step: StepSpec, context: StepContext) -> StepResult:
+    params: EvaluateParams = step.params
+    scores_folder = context.input_dataset(params.inputs)
+    manifest = datasets.read_manifest(scores_folder)
+    if manifest.table != "scores":
+        raise InputError(f"{scores_folder.uri} is a {manifest.table!r} dataset; evaluate needs a scores dataset")
+    if params.images is not None:
+        images = context.input_dataset(params.images)
+    elif manifest.lineage.get("input"):
+        images = Location.parse(manifest.lineage["input"], context.root.settings)
+    else:
+        raise InputError(f"{scores_folder.uri} does not say which images it scored; set images.dataset")
+    table = datasets.read_table(scores_folder)
+    usable = pc.and_(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])), pc.is_valid(table["score"]))
+    skipped_errors = int(pc.sum(pc.is_valid(table["error"])).as_py() or 0)
+    unlabelled = int(pc.sum(pc.and_(pc.is_null(table["error"]), pc.is_null(table["label"]))).as_py() or 0)
+    table = table.filter(usable)
+    if table.num_rows == 0:
+        raise InputError(f"{scores_folder.uri} has no scored rows with a known label to evaluate")
+
+    per_category, reports = {}, []
+    for category in sorted(set(table["category"].to_pylist()), key=str):
+        rows = table.filter(pc.equal(table["category"], category)) if category is not None \
+            else table.filter(pc.is_null(table["category"]))
+        per_category[str(category)], report = _category_metrics(rows, images, params.fpr_limit)
+        reports.append(report)
+    mean = {}
+    for name in METRIC_NAMES:
+        values = [m[name] for m in per_category.values() if m[name] is not None and not math.isnan(m[name])]
+        mean[name] = float(np.mean(values)) if values else None
+
+    anomalous_examples, normal_examples = _examples(table, images, params.anomalous_examples,
+                                                    params.normal_examples, params.seed)
+    out = context.record.folder.join("steps", step.name)
+    result = {"scores": scores_folder.uri, "images": images.uri, "model": manifest.extra.get("model"),
+              "per_category": per_category, "mean": mean, "fpr_limit": params.fpr_limit,
+              "excluded": {"errors": skipped_errors, "unknown_label": unlabelled},
+              "lineage": context.lineage(input=scores_folder.uri)}
+    html = render_report(
+        title=f"adpipe evaluation: {manifest.extra.get('model', '')} on {manifest.name}",
+        categories=reports, mean_metrics=mean, examples_anomalous=anomalous_examples,
+        examples_normal=normal_examples,
+        facts={"run": context.run_id, "scores": scores_folder.uri, "images": images.uri,
+               "model": str(manifest.extra.get("model")), "evaluated rows": str(table.num_rows),
+               "excluded (error / unknown label)": f"{skipped_errors} / {unlabelled}"},
+    )
+    out.join("report.html").write_bytes(html.encode())
+    out.join("metrics.json").write_json(result)
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"  {'category':<12} " + " ".join(f"{n:>13}" for n in METRIC_NAMES) + f" {'images':>7}"]
+    for name, values in per_category.items():
+        lines.append(f"  {name:<12} " + " ".join(f"{fmt(values[n]):>13}" for n in METRIC_NAMES)
+                     + f" {values['images']:>7}")
+    lines.append(f"  {'mean':<12} " + " ".join(f"{fmt(mean[n]):>13}" for n in METRIC_NAMES))
+    lines.append(f"  left out: {skipped_errors} rows with errors, {unlabelled} with unknown labels")
+    lines.append(f"  report: {out.join('report.html').uri}")
+    lines.append(f"  metrics: {out.join('metrics.json').uri}")
+    return StepResult(output=out.uri, rows=table.num_rows, details={"mean": mean, "per_category": per_category},
+                      summary=tuple(lines))
+
+
+def published_record(step: StepSpec, context: StepContext) -> Location:
+    return context.record.folder.join("steps", step.name, "metrics.json")
+
+
+KIND = StageKind(name="evaluate", params=EvaluateParams, run=run, published_record=published_record)

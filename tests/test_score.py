@@ -1,0 +1,134 @@
+"""Train (PaDiM) and score on real Ray: odd and broken images, idempotent reruns, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from imagefiles import corrupt_png, encode, jpeg, png, truncated_png
+from pipelines import datasets
+from pipelines.errors import InputError
+from pipelines.orchestrator import run_job
+from pipelines.spec import parse_spec
+from pipelines.storage import Location
+from pipelines.tables import IMAGES_SCHEMA
+
+pytestmark = pytest.mark.integration
+PADIM = {"backbone": "efficientnet_lite0", "stages": [1, 2], "kept_channels": 16, "image_size": 64, "seed": 0}
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def texture(seed: int, size=(80, 80), defect: bool = False) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = (np.indices(size).sum(0) % 8 * 16 + rng.normal(0, 4, size)).clip(0, 255).astype(np.uint8)
+    if defect:
+        base[30:50, 30:50] = 255
+    return Image.fromarray(base, "L")
+
+
+def image_rows(entries: list[tuple[str, bytes, str, int | None]]) -> pa.Table:
+    rows = [{"image_id": image_id, "image": data, "category": "tex", "split": split, "label": label,
+             "width": 0, "height": 0, "source_uri": f"test://{image_id}"} for image_id, data, split, label in entries]
+    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+
+
+def publish_images(folder: Location, parts: list[list[tuple[str, bytes, str, int | None]]]) -> Location:
+    """An archive written by some other system: same schema, no ingest-time checks."""
+    records = [datasets.write_part(folder, i, image_rows(p)) for i, p in enumerate(parts)]
+    datasets.publish(folder, name=folder.parent().name, version=folder.name, table="images",
+                     schema=IMAGES_SCHEMA, parts=records, lineage={})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_model(ray_session, tmp_path_factory):
+    root = f"file://{tmp_path_factory.mktemp('score-root')}"
+    train = [(f"train/{i}.png", encode(texture(i)), "train", 0) for i in range(24)]
+    images = publish_images(Location.parse(root).join("datasets", "tex", "1"), [train[:12], train[12:]])
+    spec = parse_spec({"kind": "train", "name": "fit", "storage": {"root": root}, "method": "padim",
+                       "inputs": {"dataset": images.uri}, "outputs": {"model": "padim-tex"}, "padim": PADIM,
+                       "threshold": {"holdout_fraction": 0.25}, "resources": {"workers": 2, "batch_size": 8}})
+    result = run_job(spec, echo=quiet).results["fit"]
+    return root, result.output
+
+
+def score_spec(root: str, archive: str, model: str, maps: bool = True) -> dict:
+    return {"kind": "score", "name": "score-it", "storage": {"root": root}, "inputs": {"dataset": archive},
+            "model": {"uri": model}, "outputs": {"anomaly_maps": maps},
+            "max_image_pixels": 4_000_000, "resources": {"workers": 1, "batch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def odd_archive(trained_model):
+    root, _ = trained_model
+    big = Image.new("L", (2100, 2000), 128)  # 4.2 M pixels: over this spec's limit
+    parts = [
+        [("ok/gray.png", encode(texture(100)), "test", 0),
+         ("ok/rgb.png", encode(texture(101).convert("RGB")), "test", 0),
+         ("ok/rgba.png", png("RGBA", (80, 80)), "test", 0),
+         ("ok/16bit.png", png("I;16", (80, 80)), "test", None),
+         ("ok/defect.png", encode(texture(102, defect=True)), "test", 1)],
+        [("bad/corrupt.png", corrupt_png(), "test", 1),
+         ("bad/truncated.png", truncated_png(), "test", 0),
+         ("bad/empty.png", b"", "test", 0),
+         ("bad/oversized.png", encode(big), "test", 0),
+         ("ok/large.jpg", encode(texture(103, size=(1200, 900)).convert("RGB"), "JPEG"), "test", 0),
+         ("ok/small.jpg", jpeg((30, 20)), "test", 0)],
+    ]
+    return publish_images(Location.parse(root).join("datasets", "archive", "1"), parts)
+
+
+def test_every_input_row_gets_a_score_row_errors_only_on_bad_ones(trained_model, odd_archive):
+    root, model = trained_model
+    result = run_job(parse_spec(score_spec(root, odd_archive.uri, model)), echo=quiet).results["score-it"]
+    table = datasets.read_table(Location.parse(result.output))
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert table.num_rows == 11 and len(rows) == 11
+    bad = {i for i, r in rows.items() if r["error"]}
+    assert bad == {"bad/corrupt.png", "bad/truncated.png", "bad/empty.png", "bad/oversized.png"}
+    assert "too large" in rows["bad/oversized.png"]["error"]
+    assert rows["bad/empty.png"]["error"] == "empty file"
+    for image_id, row in rows.items():
+        if image_id in bad:
+            assert row["score"] is None and row["label_pred"] is None
+        else:
+            assert np.isfinite(row["score"]) and row["anomaly_map"][:4] == b"\x89PNG"
+            assert row["label_pred"] == (row["score"] >= row["threshold"])
+    assert rows["ok/16bit.png"]["label"] is None and rows["ok/defect.png"]["label"] == 1
+    assert rows["ok/defect.png"]["score"] > max(rows[i]["score"] for i in ("ok/gray.png", "ok/rgb.png"))
+    assert result.rejected == 4 and result.details["errors"] == 4
+    manifest = datasets.read_manifest(Location.parse(result.output))
+    assert manifest.table == "scores" and manifest.extra["errors"] == 4
+
+
+def test_rerun_is_byte_identical_and_resume_reuses_finished_parts(trained_model, odd_archive):
+    root, model = trained_model
+    spec = parse_spec(score_spec(root, odd_archive.uri, model))
+    first = run_job(spec, run_id="score-a", echo=quiet).results["score-it"]
+    second = run_job(spec, run_id="score-b", echo=quiet).results["score-it"]
+    columns = ["image_id", "score", "anomaly_map", "anomaly_map_min", "anomaly_map_max", "error", "label_pred"]
+    table_a = datasets.read_table(Location.parse(first.output), columns=columns)
+    table_b = datasets.read_table(Location.parse(second.output), columns=columns)
+    assert table_a.equals(table_b)
+    assert table_a["score"].to_numpy(zero_copy_only=False).tobytes() == \
+        table_b["score"].to_numpy(zero_copy_only=False).tobytes()
+
+    # As if the run died after its first part: no manifest, part 1 missing. Resume the run.
+    folder = Location.parse(first.output)
+    folder.join(datasets.MANIFEST_NAME).delete()
+    folder.join(datasets.part_name(1)).delete()
+    resumed = run_job(spec, run_id="score-a", echo=quiet).results["score-it"]
+    assert resumed.details["reused_parts"] == 1
+    table_resumed = datasets.read_table(folder, columns=columns)
+    assert table_resumed.equals(table_a)
+
+
+def test_scoring_a_missing_model_or_a_non_image_dataset_is_an_input_error(trained_model, odd_archive):
+    root, model = trained_model
+    with pytest.raises(InputError, match="config.json is missing"):
+        run_job(parse_spec(score_spec(root, odd_archive.uri, f"{root}/models/nope/1")), echo=quiet)
