@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipelines import datasets
 from pipelines.data.preprocess import decode_mask, decode_rgb
 from pipelines.errors import InputError, SpecError
+from pipelines.evaluation import metrics
 from pipelines.evaluation.report import CategoryReport, CurveData, ExampleImage, render_report
 from pipelines.models.inference import decode_map
 from pipelines.spec import DatasetInputSpec, StepSpec
@@ -60,8 +61,6 @@ def _read_images(images: Location, ids: set[str], columns: list[str]) -> dict[st
 
 
 def _category_metrics(rows: pa.Table, images: Location, fpr_limit: float) -> tuple[dict, CategoryReport]:
-    from pipelines.evaluation import metrics
-
     category = rows["category"][0].as_py() if rows.num_rows else None
     labels = np.asarray(rows["label"].to_pylist(), np.int64)
     scores = np.asarray(rows["score"].to_pylist(), np.float64)

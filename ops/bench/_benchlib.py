@@ -1,0 +1,451 @@
+"""Shared set-up for the scoring benchmarks in ops/bench/ (not a test module; not imported by adpipe).
+
+`bench_stack()` starts one local SeaweedFS S3 server (in a temporary folder) and ONE embedded Ray,
+and tears both down on exit, also on an error, Ctrl-C or SIGTERM. `prepare_model()` ingests ELPV
+into that store and fits PaDiM with the demo's configuration through `run_job`; `make_archive()`
+cuts an images archive of exactly N rows out of the ingested dataset; `score_archive()` runs the
+real `score` stage on it (also through `run_job`, joining the already running Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before Ray is imported anywhere.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+BUCKET = "adpipe-bench"
+ROOT = f"s3://{BUCKET}"
+
+# The demo's model (jobs/demo.yaml): PaDiM on EfficientNet-Lite0 stages 1-3, 100 channels, 256 px.
+PADIM = {"backbone": "efficientnet_lite0", "stages": [1, 2, 3], "kept_channels": 100, "image_size": 256, "seed": 0}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def prefixed(prefix: str) -> Callable[[str], None]:
+    return lambda line: print(f"    {prefix}| {line}", flush=True)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _sigterm_to_exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def bench_stack(num_cpus: int | None = None, ray_logs: bool = False, keep: bool = False) -> Iterator[dict]:
+    """A SeaweedFS S3 server + one embedded Ray; both stopped on the way out, whatever happens."""
+    from pipelines import objectstore, storage
+
+    previous_handler = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    state_dir = Path(tempfile.mkdtemp(prefix="adpipe-bench-"))
+    saved_env: dict[str, str | None] = {}
+    store = None
+    ray_started = False
+    info = {"state_dir": str(state_dir), "num_cpus": num_cpus or os.cpu_count() or 1}
+    try:
+        started = time.monotonic()
+        store = objectstore.start(state_dir, buckets=[BUCKET])
+        info["weed_pid"] = store.pid
+        for key, value in store.env().items():
+            saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        storage._FILESYSTEMS.clear()  # nothing built before now may keep other credentials
+        log(f"SeaweedFS S3 at {store.endpoint} (pid {store.pid}) in {time.monotonic() - started:.1f} s")
+
+        import ray
+        import ray.data
+
+        started = time.monotonic()
+        ray.init(address="local", num_cpus=info["num_cpus"], include_dashboard=False,
+                 configure_logging=False, log_to_driver=ray_logs)
+        ray_started = True
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        log(f"embedded Ray with {info['num_cpus']} CPUs in {time.monotonic() - started:.1f} s "
+            f"(load average now {load_average()})")
+        yield info
+    finally:
+        if ray_started:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        if store is not None:
+            objectstore.stop_pid(store.pid)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        storage._FILESYSTEMS.clear()
+        if not keep:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous_handler)
+        log("Ray and SeaweedFS stopped" + (f"; state kept in {state_dir}" if keep else ""))
+
+
+# ---- data and model -----------------------------------------------------------------------------
+
+
+def location(uri: str):
+    from pipelines.storage import Location
+
+    return Location.parse(uri)
+
+
+def take_rows(source_uri: str, dest_uri: str, count: int | None = None,
+              keep: Callable[[pa.Table], np.ndarray] | None = None, per_category: int | None = None,
+              rows_per_part: int = 256) -> int:
+    """Publish an images dataset made of rows of another one (in its order): the first `count`
+    rows, or those `keep` selects (at most `per_category` of each category). Returns the rows."""
+    from pipelines import datasets
+    from pipelines.tables import IMAGES_SCHEMA
+
+    source, dest = location(source_uri), location(dest_uri)
+    manifest = datasets.read_manifest(source)
+    chosen: list[pa.Table] = []
+    taken, per_cat = 0, {}
+    for part in datasets.part_locations(source, manifest):
+        if count is not None and taken >= count:
+            break
+        table = pq.read_table(part.path, filesystem=part.fs, schema=IMAGES_SCHEMA)
+        if keep is not None:
+            table = table.filter(pa.array(keep(table)))
+        if per_category is not None:
+            mask = np.zeros(table.num_rows, bool)
+            for i, cat in enumerate(table["category"].to_pylist()):
+                if per_cat.get(cat, 0) < per_category:
+                    per_cat[cat] = per_cat.get(cat, 0) + 1
+                    mask[i] = True
+            table = table.filter(pa.array(mask))
+        if count is not None:
+            table = table.slice(0, count - taken)
+        chosen.append(table)
+        taken += table.num_rows
+    if count is not None and taken < count:
+        raise SystemExit(f"the source dataset has only {taken} rows; asked for {count}")
+    table = pa.concat_tables(chosen).combine_chunks()
+    records = [datasets.write_part(dest, i, table.slice(start, rows_per_part))
+               for i, start in enumerate(range(0, table.num_rows, rows_per_part))]
+    datasets.publish(dest, name=dest.parent().name, version=dest.name, table="images", schema=IMAGES_SCHEMA,
+                     parts=records, lineage={"bench_source": source_uri})
+    return table.num_rows
+
+
+@dataclass
+class Prepared:
+    dataset_uri: str  # the whole ingested ELPV dataset
+    model_uri: str
+    seconds: float
+
+
+def prepare_model(train_per_category: int, batch_size: int, workers: int) -> Prepared:
+    """Ingest ELPV (all 2,624 cells) into S3 and fit the demo's PaDiM on normal training cells."""
+    from pipelines.orchestrator import run_job
+    from pipelines.spec import parse_spec
+
+    started = time.monotonic()
+    ingest = parse_spec({
+        "kind": "ingest", "name": "bench-ingest", "storage": {"root": ROOT},
+        "source": {"type": "elpv", "normal_train_fraction": 0.6, "split_seed": 0},
+        "outputs": {"dataset": "elpv", "rows_per_part": 256}, "resources": {"workers": 2},
+    })
+    dataset_uri = run_job(ingest, echo=prefixed("ingest")).results["bench-ingest"].output
+    train_input = dataset_uri
+    if train_per_category > 0:
+        # The fit only sets PaDiM's Gaussians: scoring costs the same whatever it was fitted on,
+        # so a capped training set keeps the benchmark short.
+        def normal_train(table: pa.Table) -> np.ndarray:
+            return pc.and_(pc.equal(table["split"], "train"), pc.equal(table["label"], 0)) \
+                .fill_null(False).to_numpy(zero_copy_only=False)
+
+        train_input = f"{ROOT}/datasets/elpv-train-subset/1"
+        rows = take_rows(dataset_uri, train_input, keep=normal_train, per_category=train_per_category)
+        log(f"training subset: {rows} normal training cells ({train_per_category} per cell type at most)")
+    train = parse_spec({
+        "kind": "train", "name": "bench-train", "storage": {"root": ROOT}, "method": "padim",
+        "inputs": {"dataset": train_input}, "outputs": {"model": "padim-elpv"}, "padim": PADIM,
+        "per_category": True, "threshold": {"method": "normal_quantile", "quantile": 0.99, "holdout_fraction": 0.2},
+        "resources": {"workers": workers, "batch_size": batch_size},
+    })
+    model_uri = run_job(train, echo=prefixed("train")).results["bench-train"].output
+    return Prepared(dataset_uri, model_uri, time.monotonic() - started)
+
+
+@dataclass
+class ScoreRun:
+    images: int
+    wall_seconds: float  # around run_job (run record + the step)
+    step_seconds: float  # the step as the run record times it
+    stage_images_per_second: float | None  # the stage's own figure (StepResult details)
+    output: str
+
+
+def score_archive(archive_uri: str, model_uri: str, *, workers: int, cpus_per_worker: float, batch_size: int,
+                  maps: bool, name: str = "bench-score", echo: Callable[[str], None] | None = None,
+                  on_start: Callable[[], None] | None = None) -> ScoreRun:
+    """Run the real `score` stage (S3 Parquet in -> S3 Parquet out) on every row of an archive."""
+    from pipelines.orchestrator import run_job
+    from pipelines.runs import RunRecord
+    from pipelines.spec import parse_spec
+
+    spec = parse_spec({
+        "kind": "score", "name": name, "storage": {"root": ROOT}, "inputs": {"dataset": archive_uri},
+        "model": {"uri": model_uri}, "outputs": {"anomaly_maps": maps},
+        "resources": {"workers": workers, "cpus_per_worker": cpus_per_worker, "batch_size": batch_size},
+    })
+    if on_start is not None:
+        on_start()
+    started = time.monotonic()
+    outcome = run_job(spec, echo=echo or quiet)
+    wall = time.monotonic() - started
+    result = outcome.results[name]
+    record = RunRecord.load(location(ROOT), outcome.run_id)
+    step_seconds = float(record.step_state(name).get("seconds", wall))
+    return ScoreRun(images=int(result.rows or 0), wall_seconds=wall, step_seconds=step_seconds,
+                    stage_images_per_second=result.details.get("images_per_second"), output=result.output)
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+try:
+    import psutil  # optional: /proc is read directly without it
+except ImportError:  # pragma: no cover - depends on the environment
+    psutil = None
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    ppid: int
+    title: str  # the command line (Ray workers retitle themselves "ray::<what they run>")
+    rss: int  # bytes
+    shmem: int  # bytes of RSS that are shared memory (Ray's object store pages count here)
+
+
+def _proc_status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return values
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                stat = handle.read()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                title = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError):
+            continue
+        table[pid] = (ppid, title)
+    return table
+
+
+def process_tree(root_pid: int | None = None, exclude: set[int] = frozenset()) -> list[ProcessInfo]:
+    """The process `root_pid` (default: this one) and all its descendants, minus the subtrees of
+    the pids in `exclude`; with resident and shared-memory sizes."""
+    root_pid = root_pid or os.getpid()
+    found: list[ProcessInfo] = []
+    if psutil is not None:
+        try:
+            root = psutil.Process(root_pid)
+            processes = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return found
+        skipped = set(exclude)
+        for process in processes:
+            try:
+                if process.pid in skipped or process.ppid() in skipped:
+                    skipped.add(process.pid)
+                    continue
+                title = " ".join(process.cmdline())
+                rss = process.memory_info().rss
+                shmem = _proc_status_kb(process.pid, ("RssShmem",)).get("RssShmem", 0)
+                found.append(ProcessInfo(process.pid, process.ppid(), title, rss, shmem))
+            except psutil.Error:
+                continue
+        return found
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        if pid in exclude or pid not in table:
+            continue
+        stack.extend(children.get(pid, []))
+        sizes = _proc_status_kb(pid, ("VmRSS", "RssShmem"))
+        if "VmRSS" not in sizes:  # exited, or a zombie
+            continue
+        found.append(ProcessInfo(pid, table[pid][0], table[pid][1], sizes["VmRSS"], sizes.get("RssShmem", 0)))
+    return found
+
+
+def classify(process: ProcessInfo, driver_pid: int) -> str:
+    """driver | worker (Ray Python workers: tasks, actors, idle ones) | ray-system (raylet, GCS, agents)."""
+    if process.pid == driver_pid:
+        return "driver"
+    title = process.title
+    if title.startswith("ray::") and not title.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+        return "worker"
+    if "default_worker.py" in title:  # a worker that has not retitled itself yet
+        return "worker"
+    return "ray-system"
+
+
+def find_processes(marker: str, exclude: set[int] = frozenset()) -> list[ProcessInfo]:
+    return [p for p in process_tree(exclude=exclude) if marker in p.title]
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process so far (seconds), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ProcessSampler:
+    """Samples the driver's process tree every `interval` s in a background thread.
+
+    Per sample: the sum of RSS of the driver and the Ray worker processes (and, apart, of Ray's
+    system processes); keeps the peak since the last `reset()`. Per process: the CPU time used
+    since `reset()` (or since it appeared) and the titles it had (a Ray worker shows what it runs).
+    """
+
+    def __init__(self, interval: float = 0.2, exclude: set[int] = frozenset()):
+        import threading
+
+        self.interval = interval
+        self.exclude = set(exclude)
+        self.driver = os.getpid()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.samples = 0
+            self.peak_total = 0  # driver + workers
+            self.peak_at: dict[str, int] = {}
+            self.peak_processes: list[ProcessInfo] = []
+            self.first_total: int | None = None
+            self.cpu_start: dict[int, float] = {}
+            self.cpu_last: dict[int, float] = {}
+            self.titles: dict[int, dict[str, int]] = {}
+            self.started = time.monotonic()
+        self.sample()  # baseline CPU times now
+
+    def start(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):
+                self.sample()
+
+    def sample(self) -> None:
+        processes = process_tree(self.driver, exclude=self.exclude)
+        cpu = {p.pid: cpu_seconds(p.pid) for p in processes}
+        by_class: dict[str, int] = {"driver": 0, "worker": 0, "ray-system": 0}
+        for process in processes:
+            by_class[classify(process, self.driver)] += process.rss
+        total = by_class["driver"] + by_class["worker"]
+        with self._lock:
+            self.samples += 1
+            if self.first_total is None:
+                self.first_total = total
+            if total > self.peak_total:
+                self.peak_total, self.peak_at = total, dict(by_class)
+                self.peak_processes = processes
+            for process in processes:
+                seconds = cpu.get(process.pid)
+                if seconds is None:
+                    continue
+                self.cpu_start.setdefault(process.pid, seconds if self.samples == 1 else 0.0)
+                self.cpu_last[process.pid] = seconds
+                titles = self.titles.setdefault(process.pid, {})
+                title = process.title
+                if title.startswith("ray::") and ")" in title:  # drop the method: ray::MapWorker(...).submit
+                    title = title[: title.rindex(")") + 1]
+                elif not title.startswith("ray::"):
+                    title = title.split(" ")[0]
+                titles[title] = titles.get(title, 0) + 1
+
+    def cpu_by_process(self) -> list[tuple[int, str, float]]:
+        """(pid, main title, CPU seconds since reset) per process, busiest first."""
+        rows = []
+        with self._lock:
+            for pid, last in self.cpu_last.items():
+                used = last - self.cpu_start.get(pid, 0.0)
+                titles = self.titles.get(pid, {})
+                busy = {t: n for t, n in titles.items() if t != "ray::IDLE"} or titles
+                title = max(busy, key=busy.get) if busy else "?"
+                if pid == self.driver:
+                    title = "driver (this script)"
+                rows.append((pid, title, used))
+        return sorted(rows, key=lambda r: -r[2])
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:,.0f} MiB"
