@@ -532,3 +532,10 @@ def test_cli_validate_invalid_yaml(tmp_path, capsys):
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "is not valid YAML at line" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_job_spec_is_valid(path):
+    spec = load_spec(path)
+    assert spec.steps and spec.name

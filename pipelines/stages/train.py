@@ -4,7 +4,7 @@ PaDiM fits by streamed sufficient statistics, not gradient descent: Ray Data dec
 selected images in CPU tasks, `streaming_split` hands one stream to each of `workers` fitter
 actors, each keeps per-category running sums (memory independent of the number of images), and
 the driver adds the partial sums and inverts the covariances. A seeded fraction of the normal
-training images is held out from fitting to calibrate the decision threshold.
+training images is first held out to calibrate the decision threshold, then added to the fit.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ModelOutputSpec:
 class ThresholdSpec:
     method: Literal["normal_quantile", "f1_max"] = "normal_quantile"
     quantile: float = 0.99
-    holdout_fraction: float = 0.1  # of the normal training images: not fitted, used to calibrate
+    holdout_fraction: float = 0.1  # of the normal training images: calibrate first, then join the fit
 
     def validate(self, path: str) -> ThresholdSpec:
         if not 0.0 < self.quantile < 1.0:
@@ -206,6 +206,13 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         result = calibrate(scores, None, params.threshold.method, params.threshold.quantile)
         thresholds[key] = result.threshold
         calibration[key] = asdict(result)
+        # PaDiM's statistics add up: once the held-out normals have calibrated the threshold, they
+        # join the fit, so the published model uses every normal training image (the reference
+        # protocol) and the threshold comes from images the calibrating model had not seen.
+        for start in range(0, int(chosen.sum()), params.resources.batch_size):
+            chunk = pixels[chosen][start:start + params.resources.batch_size]
+            statistics[key].update(model.embed(to_tensor(chunk)))
+        model.set_gaussian(statistics[key])
 
     folder_out = context.root.join("models", params.outputs.model, params.outputs.version or context.run_id)
     counts = {key: s.count for key, s in statistics.items()}
