@@ -456,14 +456,17 @@ def _parse_pipeline_steps(body: Mapping[str, Any]) -> tuple[StepSpec, ...]:
     return tuple(steps)
 
 
-def step_references(params: Any) -> list[tuple[str, str]]:
-    """(field path, step name) for every `step:<name>` reference in a step's parameters."""
+def step_references(params: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(field path, step name) for every `step:<name>` reference in a step's parameters, nested too."""
     found = []
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
-        if isinstance(value, (DatasetInputSpec, ModelInputSpec)) and value.step_reference:
-            inner = "dataset" if isinstance(value, DatasetInputSpec) else "uri"
-            found.append((f"{f.name}.{inner}", value.step_reference))
+        if isinstance(value, (DatasetInputSpec, ModelInputSpec)):
+            if value.step_reference:
+                inner = "dataset" if isinstance(value, DatasetInputSpec) else "uri"
+                found.append((f"{prefix}{f.name}.{inner}", value.step_reference))
+        elif dataclasses.is_dataclass(value):
+            found += step_references(value, f"{prefix}{f.name}.")
     return found
 
 

@@ -21,6 +21,7 @@ from pipelines.spec import JobSpec, dump_spec
 
 RUN_ID_METADATA_KEY = "adpipe_run_id"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120.0
 
 
 def jobs_client(address: str) -> Any:
@@ -46,9 +47,21 @@ def submit_spec(spec: JobSpec, address: str, run_id: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="adpipe-submit-") as folder:
         (Path(folder) / "spec.yaml").write_text(dump_spec(spec))
         entrypoint = f"adpipe run spec.yaml --run-id {shlex.quote(run_id)} --ray-address auto"
-        client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                          runtime_env={"working_dir": folder},
-                          metadata={RUN_ID_METADATA_KEY: run_id, "adpipe_job": spec.name})
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                  runtime_env={"working_dir": folder},
+                                  metadata={RUN_ID_METADATA_KEY: run_id, "adpipe_job": spec.name})
+                break
+            except RuntimeError as error:
+                # A head that has just started answers the Jobs API before its job agent is up
+                # ("No available agent to submit job"): wait for it rather than fail.
+                if "No available agent" in str(error) and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+                raise AdpipeError(f"the Ray Jobs API at {address} refused the job: {first_line}") from None
     return run_id
 
 

@@ -132,3 +132,24 @@ def test_scoring_a_missing_model_or_a_non_image_dataset_is_an_input_error(traine
     root, model = trained_model
     with pytest.raises(InputError, match="config.json is missing"):
         run_job(parse_spec(score_spec(root, odd_archive.uri, f"{root}/models/nope/1")), echo=quiet)
+
+
+def test_threshold_f1_max_on_labelled_validation_images(trained_model):
+    root, _ = trained_model
+    validation = [(f"val/n{i}.png", encode(texture(200 + i)), "test", 0) for i in range(6)] + \
+                 [(f"val/a{i}.png", encode(texture(300 + i, defect=True)), "test", 1) for i in range(6)]
+    folder = publish_images(Location.parse(root).join("datasets", "val", "1"), [validation])
+    spec = parse_spec({"kind": "train", "name": "fit-f1", "storage": {"root": root}, "method": "padim",
+                       "inputs": {"dataset": f"{root}/datasets/tex/1"}, "outputs": {"model": "padim-f1"},
+                       "padim": PADIM, "threshold": {"method": "f1_max", "holdout_fraction": 0.25,
+                                                     "validation": {"dataset": folder.uri}},
+                       "resources": {"workers": 1, "batch_size": 8}})
+    model_folder = Location.parse(run_job(spec, echo=quiet).results["fit-f1"].output)
+    config = model_folder.join("config.json").read_json()
+    calibration = config["info"]["calibration"]["tex"]
+    assert calibration["method"] == "f1_max" and calibration["anomalous_images"] == 6
+    assert calibration["f1"] == 1.0  # the white squares are trivially separable
+    from pipelines.models.registry import TrainedDetector
+
+    detector = TrainedDetector.load(model_folder)
+    assert detector.thresholds["tex"] == calibration["threshold"]

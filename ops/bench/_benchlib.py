@@ -64,43 +64,24 @@ def _sigterm_to_exit(signum, _frame) -> None:
 
 
 @contextlib.contextmanager
-def bench_stack(num_cpus: int | None = None, ray_logs: bool = False, keep: bool = False) -> Iterator[dict]:
-    """A SeaweedFS S3 server + one embedded Ray; both stopped on the way out, whatever happens."""
+def object_store(keep: bool = False) -> Iterator[dict]:
+    """A SeaweedFS S3 server in a temporary folder, its env exported; stopped on the way out."""
     from pipelines import objectstore, storage
 
     previous_handler = signal.signal(signal.SIGTERM, _sigterm_to_exit)
     state_dir = Path(tempfile.mkdtemp(prefix="adpipe-bench-"))
     saved_env: dict[str, str | None] = {}
     store = None
-    ray_started = False
-    info = {"state_dir": str(state_dir), "num_cpus": num_cpus or os.cpu_count() or 1}
     try:
         started = time.monotonic()
         store = objectstore.start(state_dir, buckets=[BUCKET])
-        info["weed_pid"] = store.pid
         for key, value in store.env().items():
             saved_env[key] = os.environ.get(key)
             os.environ[key] = value
         storage._FILESYSTEMS.clear()  # nothing built before now may keep other credentials
         log(f"SeaweedFS S3 at {store.endpoint} (pid {store.pid}) in {time.monotonic() - started:.1f} s")
-
-        import ray
-        import ray.data
-
-        started = time.monotonic()
-        ray.init(address="local", num_cpus=info["num_cpus"], include_dashboard=False,
-                 configure_logging=False, log_to_driver=ray_logs)
-        ray_started = True
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        log(f"embedded Ray with {info['num_cpus']} CPUs in {time.monotonic() - started:.1f} s "
-            f"(load average now {load_average()})")
-        yield info
+        yield {"state_dir": str(state_dir), "weed_pid": store.pid}
     finally:
-        if ray_started:
-            import ray
-
-            with contextlib.suppress(Exception):
-                ray.shutdown()
         if store is not None:
             objectstore.stop_pid(store.pid)
         for key, value in saved_env.items():
@@ -112,7 +93,35 @@ def bench_stack(num_cpus: int | None = None, ray_logs: bool = False, keep: bool 
         if not keep:
             shutil.rmtree(state_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_handler)
-        log("Ray and SeaweedFS stopped" + (f"; state kept in {state_dir}" if keep else ""))
+        log("SeaweedFS stopped" + (f"; its data kept in {state_dir}" if keep else ""))
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator[int]:
+    """One embedded Ray (`address="local"`, all cores by default); shut down on the way out."""
+    import ray
+    import ray.data
+
+    num_cpus = num_cpus or os.cpu_count() or 1
+    started = time.monotonic()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=ray_logs)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        log(f"embedded Ray with {num_cpus} CPUs in {time.monotonic() - started:.1f} s "
+            f"(load average now {load_average()})")
+        yield num_cpus
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        log("Ray stopped")
+
+
+@contextlib.contextmanager
+def bench_stack(num_cpus: int | None = None, ray_logs: bool = False, keep: bool = False) -> Iterator[dict]:
+    """A SeaweedFS S3 server + one embedded Ray; both stopped on the way out, whatever happens."""
+    with object_store(keep) as store, ray_session(num_cpus, ray_logs) as cpus:
+        yield {**store, "num_cpus": cpus}
 
 
 # ---- data and model -----------------------------------------------------------------------------
@@ -201,6 +210,36 @@ def prepare_model(train_per_category: int, batch_size: int, workers: int) -> Pre
     })
     model_uri = run_job(train, echo=prefixed("train")).results["bench-train"].output
     return Prepared(dataset_uri, model_uri, time.monotonic() - started)
+
+
+def prepare_model_in_subprocess(train_per_category: int, batch_size: int, workers: int,
+                                ray_logs: bool = False) -> Prepared:
+    """`prepare_model` in a child Python with its own embedded Ray (started and stopped there), so
+    that nothing of ingest and training stays in this process or in Ray workers afterwards."""
+    import json
+    import subprocess
+
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "import _benchlib as b\n"
+            f"with b.ray_session(ray_logs={ray_logs!r}):\n"
+            f"    p = b.prepare_model({train_per_category}, {batch_size}, {workers})\n"
+            "print('PREPARED ' + json.dumps(p.__dict__), flush=True)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    prepared = None
+    try:
+        for line in process.stdout:
+            if line.startswith("PREPARED "):
+                prepared = Prepared(**json.loads(line[len("PREPARED "):]))
+            else:
+                print(line, end="", flush=True)
+        code = process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+    if code != 0 or prepared is None:
+        raise SystemExit(f"preparing the model failed (exit {code})")
+    return prepared
 
 
 @dataclass
@@ -449,3 +488,36 @@ class ProcessSampler:
 
 def mib(value: float) -> str:
     return f"{value / 2**20:,.0f} MiB"
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used so far (non-idle time in /proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class ForeignLoad:
+    """CPU seconds used on the machine by processes that are not ours, over an interval:
+    everything /proc/stat counts minus what our process tree used (`ours()` at `stop`)."""
+
+    def __init__(self):
+        self.start_busy = machine_busy_seconds()
+        self.started = time.monotonic()
+
+    def stop(self, ours: float) -> tuple[float, float]:
+        """(foreign CPU seconds, seconds elapsed)."""
+        return max(0.0, machine_busy_seconds() - self.start_busy - ours), time.monotonic() - self.started
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def foreign_note(foreign: float, seconds: float) -> str:
+    cores = os.cpu_count() or 1
+    share = foreign / max(seconds * cores, 1e-9)
+    flag = "  <-- OTHER WORK ON THE MACHINE: figure unreliable" if share > 0.1 else ""
+    return f"other processes used {foreign:.1f} CPU s ({share:.0%} of the {cores} cores){flag}"

@@ -86,11 +86,24 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
             scores, anomaly_maps = detector.models[key](to_tensor(batch))
         return scores[: len(members)].numpy(), anomaly_maps[: len(members)].numpy()
 
+    # What the scorer does for the same rows (pipelines.models.inference.score_in_slots): per input
+    # part (256 rows here) and category model, one zero-padded pass per group of rows
+    # seq // batch_size, assuming Ray Data's batches start at part starts (256 % 16 == 0).
+    from pipelines.datasets import read_manifest
+
+    pipeline_passes, start = 0, 0
+    for part in read_manifest(bench.location(archive_uri)).parts:
+        keys = [detector.key_for(c) for c in categories[start:start + part.rows]]
+        pipeline_passes += len({(seq // batch_size, key) for seq, key in enumerate(keys)})
+        start += part.rows
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for key in sorted(groups):  # warm-up: one batch per model, not timed
             forward(key, groups[key][:batch_size])
+        load = bench.ForeignLoad()
+        own = bench.own_cpu_seconds()
         started = time.monotonic()
         kept_maps = []
         for key, members in batches:
@@ -98,6 +111,7 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
             if maps:
                 kept_maps.append(batch_maps)
         seconds = time.monotonic() - started
+        foreign, _ = load.stop(bench.own_cpu_seconds() - own)
         encode_seconds = None
         if maps:
             started = time.monotonic()
@@ -108,7 +122,7 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
     finally:
         torch.set_num_threads(previous_threads)
     return {"images": len(images), "seconds": seconds, "images_per_second": len(images) / seconds,
-            "forward_passes": len(batches), "models": {k: len(v) for k, v in groups.items()},
+            "forward_passes": len(batches), "pipeline_passes": pipeline_passes, "foreign_cpu": foreign, "models": {k: len(v) for k, v in groups.items()},
             "decode_ms_per_image": 1000 * decode_seconds / len(images),
             "encode_ms_per_image": 1000 * encode_seconds / len(images) if encode_seconds is not None else None}
 
@@ -229,18 +243,27 @@ def main(argv: list[str] | None = None) -> int:
         exclude = {stack["weed_pid"]}
         sampler = bench.ProcessSampler(exclude=exclude).start()
         profiler = ActorProfiler(exclude).start() if args.profile else None
+        marks = {}
+
+        def step_starts() -> None:
+            sampler.reset()
+            marks["load"] = bench.ForeignLoad()
+            marks["weed"] = bench.cpu_seconds(stack["weed_pid"]) or 0.0
+
         bench.log(f"(b) score stage, {args.workers} actor(s) x {args.cpus_per_worker:g} CPU, batch {args.batch_size}, "
                   f"anomaly maps {'ON' if args.maps else 'OFF'} ... (load average {bench.load_average()})")
         try:
             run = bench.score_archive(archive, prepared.model_uri, workers=args.workers,
                                       cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
-                                      maps=args.maps, echo=bench.prefixed("score"), on_start=sampler.reset)
+                                      maps=args.maps, echo=bench.prefixed("score"), on_start=step_starts)
             sampler.sample()
+            weed_cpu = (bench.cpu_seconds(stack["weed_pid"]) or 0.0) - marks["weed"]
+            cpu = sampler.cpu_by_process()
+            foreign, foreign_seconds = marks["load"].stop(sum(seconds for _, _, seconds in cpu) + weed_cpu)
         finally:
             sampler.stop()
             if profiler is not None:
                 profiler.stop()
-        cpu = sampler.cpu_by_process()
 
     stage_ips = run.stage_images_per_second or 0.0
     wall_ips = run.images / run.wall_seconds
@@ -254,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (a) bare model forward, {threads} torch thread(s):  {bare['images_per_second']:8.2f} images/s "
           f"({bare['forward_passes']} passes of {args.batch_size}, {bare['seconds']:.1f} s; "
           f"decode alone {bare['decode_ms_per_image']:.1f} ms/image, not timed)")
+    print(f"      during the timed loop {bench.foreign_note(bare['foreign_cpu'], bare['seconds'])}")
     if bare["encode_ms_per_image"] is not None:
         both = run.images / (bare["seconds"] + bare["encode_ms_per_image"] * run.images / 1000)
         print(f"      + PNG map encoding {bare['encode_ms_per_image']:.1f} ms/image -> bare forward + encode: "
               f"{both:.2f} images/s")
+    print(f"      the scorer's slot geometry needs {bare['pipeline_passes']} passes for the same rows "
+          f"(mixed-category groups cost one pass per category)")
     print(f"  (b) score stage, anomaly maps {'ON' if args.maps else 'OFF'}, {args.workers} actor(s) x "
           f"{args.cpus_per_worker:g} CPU:")
     print(f"      stage's own figure (StepResult images_per_second): {stage_ips:8.2f} images/s")
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     for pid, title, seconds in cpu[:8]:
         if seconds >= 0.05:
             print(f"    {seconds:7.1f} CPU s  {title[:90]}  (pid {pid})")
+    print(f"    {weed_cpu:7.1f} CPU s  SeaweedFS (S3 server)")
+    print(f"    during the step {bench.foreign_note(foreign, foreign_seconds)}")
     if profiler is not None:
         print("\n".join("  " + line for line in profiler.summary()))
     print(f"  load average at the end: {bench.load_average()} (other work on the machine skews these figures)")

@@ -53,15 +53,19 @@ class ThresholdSpec:
     method: Literal["normal_quantile", "f1_max"] = "normal_quantile"
     quantile: float = 0.99
     holdout_fraction: float = 0.1  # of the normal training images: calibrate first, then join the fit
+    # Labelled validation images (label 0/1; e.g. synthetic anomalies) for f1_max. Keep them apart
+    # from the images you evaluate on.
+    validation: DatasetInputSpec | None = None
+    validation_split: Literal["train", "test"] | None = None
 
     def validate(self, path: str) -> ThresholdSpec:
         if not 0.0 < self.quantile < 1.0:
             raise SpecError(f"{path}.quantile", f"must be in (0, 1), got {self.quantile}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise SpecError(f"{path}.holdout_fraction", f"must be in (0, 1), got {self.holdout_fraction}")
-        if self.method == "f1_max":
-            raise SpecError(f"{path}.method", "f1_max needs labelled anomalous validation images; "
-                                              "until synthetic anomalies exist use 'normal_quantile'")
+        if self.method == "f1_max" and self.validation is None:
+            raise SpecError(f"{path}.validation", "method f1_max needs labelled validation images: "
+                                                  "set validation.dataset (or use method normal_quantile)")
         return self
 
 
@@ -145,6 +149,36 @@ def fit_statistics(selection, params: TrainParams, channel_indices: torch.Tensor
     return merged, skipped
 
 
+def _decode_to_driver(selection, params: TrainParams) -> dict[str, np.ndarray]:
+    """Decoded rows of a small selection, gathered on the driver."""
+    size = params.padim.image_size
+    empty = {"pixels": np.zeros((0, size, size, 3), np.uint8), "ok": np.zeros(0, bool),
+             "category": np.zeros(0, object), "label": np.zeros(0, np.int8)}
+    if not any(s.rows for s in selection):
+        return empty
+    stream = decoded_images(selection, size, params.max_image_pixels)
+    batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
+    return {"pixels": np.concatenate([b["pixels"] for b in batches]),
+            "ok": np.concatenate([[not e for e in b["error"]] for b in batches]).astype(bool),
+            "category": np.concatenate([b["category"] for b in batches]),
+            "label": np.concatenate([b["label"] for b in batches])}
+
+
+def _validation_images(params: TrainParams, context: StepContext) -> dict[str, np.ndarray]:
+    folder = context.input_dataset(params.threshold.validation)
+    manifest = datasets.read_manifest(folder)
+    split = params.threshold.validation_split
+
+    def labelled(table: pa.Table) -> np.ndarray:
+        mask = pc.is_valid(table["label"])
+        if split is not None:
+            mask = pc.and_(mask, pc.equal(table["split"], split)).fill_null(False)
+        return mask.to_numpy(zero_copy_only=False)
+
+    selection, _ = select_rows(folder, manifest, labelled)
+    return _decode_to_driver(selection, params)
+
+
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: TrainParams = step.params
     started = time.monotonic()
@@ -187,25 +221,33 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         models[key] = model.eval()
     fit_seconds = time.monotonic() - started
 
-    # Calibrate on the held-out normals (scored on the driver: a small set).
+    # Calibrate on the held-out normals (+ labelled validation images for f1_max), scored on the
+    # driver: small sets.
+    held = _decode_to_driver(hold_rows, params)
+    validation = _validation_images(params, context) if params.threshold.validation else None
     thresholds, calibration = {}, {}
-    if hold_table.num_rows:
-        stream = decoded_images(hold_rows, params.padim.image_size, params.max_image_pixels)
-        batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
-        pixels = np.concatenate([b["pixels"] for b in batches])
-        ok = np.concatenate([[not e for e in b["error"]] for b in batches]).astype(bool)
-        cats = np.concatenate([b["category"] for b in batches])
-    else:
-        pixels, ok, cats = np.zeros((0,)), np.zeros(0, bool), np.zeros(0, object)
     for key, model in models.items():
-        chosen = ok & ((cats == key) if key != ALL_CATEGORIES else True)
+        chosen = held["ok"] & ((held["category"] == key) if key != ALL_CATEGORIES else True)
         if not chosen.any():
             raise InputError(f"no held-out normal images for {key!r} to calibrate a threshold "
                              f"(holdout_fraction {fraction}); raise threshold.holdout_fraction")
-        scores, _ = score_in_slots(model, pixels[chosen], np.arange(int(chosen.sum())), params.resources.batch_size)
-        result = calibrate(scores, None, params.threshold.method, params.threshold.quantile)
+        scores, _ = score_in_slots(model, held["pixels"][chosen], np.arange(int(chosen.sum())),
+                                   params.resources.batch_size)
+        anomalous = None
+        if validation is not None:
+            mine = validation["ok"] & ((validation["category"] == key) if key != ALL_CATEGORIES else True)
+            if not (mine & (validation["label"] == 1)).any():
+                raise InputError(f"no labelled anomalous validation images for {key!r} in "
+                                 f"{params.threshold.validation.dataset}")
+            validation_scores, _ = score_in_slots(model, validation["pixels"][mine], np.arange(int(mine.sum())),
+                                                  params.resources.batch_size)
+            labels = validation["label"][mine]
+            scores = np.concatenate([scores, validation_scores[labels == 0]])
+            anomalous = validation_scores[labels == 1]
+        result = calibrate(scores, anomalous, params.threshold.method, params.threshold.quantile)
         thresholds[key] = result.threshold
         calibration[key] = asdict(result)
+        pixels = held["pixels"]
         # PaDiM's statistics add up: once the held-out normals have calibrated the threshold, they
         # join the fit, so the published model uses every normal training image (the reference
         # protocol) and the threshold comes from images the calibrating model had not seen.
