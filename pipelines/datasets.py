@@ -117,12 +117,16 @@ def publish(folder: Location, *, name: str, version: str, table: str, schema: pa
     return manifest
 
 
-def read_manifest(folder: Location) -> Manifest:
+def read_manifest(folder: Location, table: str | None = None) -> Manifest:
+    """The dataset's manifest; with `table`, also check that it holds that kind of table."""
     location = folder.join(MANIFEST_NAME)
     if not location.exists():
         raise InputError(f"no published dataset at {folder.describe()}: {MANIFEST_NAME} is missing "
                          "(the job that writes it has not finished, or the URI is wrong)")
-    return Manifest.from_json(location.read_json(), location.uri)
+    manifest = Manifest.from_json(location.read_json(), location.uri)
+    if table is not None and manifest.table != table:
+        raise InputError(f"{folder.uri} holds a {manifest.table!r} table; a {table!r} dataset is needed here")
+    return manifest
 
 
 def find_manifest(folder: Location) -> Manifest | None:

@@ -80,3 +80,11 @@ def test_foreign_json_is_not_a_manifest(file_root):
 def test_fingerprint_is_stable_and_order_insensitive_for_keys():
     assert datasets.fingerprint({"a": 1, "b": [1, 2]}) == datasets.fingerprint({"b": [1, 2], "a": 1})
     assert datasets.fingerprint({"a": 1}) != datasets.fingerprint({"a": 2})
+
+
+def test_reading_the_wrong_kind_of_table_is_refused(file_root):
+    folder = Location.parse(file_root).join("datasets", "toy", "1")
+    write_dataset(folder, 1)
+    assert datasets.read_manifest(folder, table="toy").rows == 5
+    with pytest.raises(InputError, match="holds a 'toy' table; a 'images' dataset is needed"):
+        datasets.read_manifest(folder, table="images")

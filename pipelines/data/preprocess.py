@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, inspect_image
+from pipelines.data.images import DEFAULT_MAX_PIXELS, inspect_image
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:

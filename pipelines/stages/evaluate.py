@@ -140,9 +140,7 @@ def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, see
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: EvaluateParams = step.params
     scores_folder = context.input_dataset(params.inputs)
-    manifest = datasets.read_manifest(scores_folder)
-    if manifest.table != "scores":
-        raise InputError(f"{scores_folder.uri} is a {manifest.table!r} dataset; evaluate needs a scores dataset")
+    manifest = datasets.read_manifest(scores_folder, table="scores")
     if params.images is not None:
         images = context.input_dataset(params.images)
     elif manifest.lineage.get("input"):

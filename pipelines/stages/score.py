@@ -24,7 +24,6 @@ import torch
 
 from pipelines import datasets
 from pipelines.data.images import DEFAULT_MAX_PIXELS
-from pipelines.errors import InputError
 from pipelines.models.inference import encode_map, score_in_slots
 from pipelines.models.registry import TrainedDetector
 from pipelines.spec import DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_name
@@ -124,9 +123,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     params: ScoreParams = step.params
     started = time.monotonic()
     images = context.input_dataset(params.inputs)
-    manifest = datasets.read_manifest(images)
-    if manifest.table != "images":
-        raise InputError(f"{images.uri} is a {manifest.table!r} dataset; score needs an images dataset")
+    manifest = datasets.read_manifest(images, table="images")
     model_folder = context.input_dataset(params.model)
     detector = TrainedDetector.load(model_folder)  # fail fast (exit 2) on a missing or foreign model
     model_name = f"{model_folder.parent().name}@{model_folder.name}"

@@ -166,7 +166,7 @@ def _decode_to_driver(selection, params: TrainParams) -> dict[str, np.ndarray]:
 
 def _validation_images(params: TrainParams, context: StepContext) -> dict[str, np.ndarray]:
     folder = context.input_dataset(params.threshold.validation)
-    manifest = datasets.read_manifest(folder)
+    manifest = datasets.read_manifest(folder, table="images")
     split = params.threshold.validation_split
 
     def labelled(table: pa.Table) -> np.ndarray:
@@ -183,9 +183,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     params: TrainParams = step.params
     started = time.monotonic()
     folder_in = context.input_dataset(params.inputs)
-    manifest = datasets.read_manifest(folder_in)
-    if manifest.table != "images":
-        raise InputError(f"{folder_in.uri} is a {manifest.table!r} dataset; train needs an images dataset")
+    manifest = datasets.read_manifest(folder_in, table="images")
     seed, fraction = params.padim.seed, params.threshold.holdout_fraction
 
     def normal_train(table: pa.Table) -> np.ndarray:
