@@ -61,7 +61,12 @@ def submit_spec(spec: JobSpec, address: str, run_id: str | None = None) -> str:
                     time.sleep(2)
                     continue
                 first_line = next((line for line in str(error).splitlines() if line.strip()), "")
-                raise AdpipeError(f"the Ray Jobs API at {address} refused the job: {first_line}") from None
+                hint = ""
+                if "No available agent" in first_line:
+                    hint = (" (the head's dashboard agent never registered: see the head's dashboard_agent.log;"
+                            " a second Ray on the same machine holding port 52365 is the usual cause: start"
+                            " the head with --dashboard-agent-listen-port=<a free port>)")
+                raise AdpipeError(f"the Ray Jobs API at {address} refused the job: {first_line}{hint}") from None
     return run_id
 
 

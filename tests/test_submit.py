@@ -24,7 +24,16 @@ def ray_head(s3_store, tmp_path_factory):
     """`ray start --head --block` on free ports, in a process group of its own so the test can stop
     exactly this cluster (`ray stop` would stop every Ray on the machine). Token authentication is
     turned off for this loopback-only test cluster (see README, troubleshooting)."""
-    gcs_port, dashboard_port = free_port(), free_port()
+    ports: set[int] = set()
+    while len(ports) < 7:  # distinct: two calls of free_port() may return the same port
+        ports.add(free_port())
+    gcs_port, dashboard_port, *other_ports = sorted(ports)
+    # Every port Ray would otherwise take from a fixed default goes on a free port: the test
+    # session's embedded Ray already holds the dashboard agent's default 52365, and a head whose
+    # agent cannot bind never registers it ("No available agent to submit job", seen in CI).
+    fixed_defaults = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                      "runtime-env-agent-port", "ray-client-server-port")
+    port_flags = [f"--{flag}={port}" for flag, port in zip(fixed_defaults, other_ports, strict=True)]
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}",
            "ADPIPE_RAY_LOG_TO_DRIVER": "1"}
@@ -32,7 +41,7 @@ def ray_head(s3_store, tmp_path_factory):
     head = subprocess.Popen(
         [f"{venv_bin}/ray", "start", "--head", "--block", f"--port={gcs_port}",
          f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-         "--disable-usage-stats", "--include-dashboard=true"],
+         "--disable-usage-stats", "--include-dashboard=true", *port_flags],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     os.environ["RAY_AUTH_MODE"] = "disabled"

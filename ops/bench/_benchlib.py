@@ -1,10 +1,14 @@
-"""Shared set-up for the scoring benchmarks in ops/bench/ (not a test module; not imported by adpipe).
+"""Shared set-up for the scoring benchmarks in ops/bench/ (not a test module; adpipe never imports it).
 
-`bench_stack()` starts one local SeaweedFS S3 server (in a temporary folder) and ONE embedded Ray,
-and tears both down on exit, also on an error, Ctrl-C or SIGTERM. `prepare_model()` ingests ELPV
-into that store and fits PaDiM with the demo's configuration through `run_job`; `make_archive()`
-cuts an images archive of exactly N rows out of the ingested dataset; `score_archive()` runs the
-real `score` stage on it (also through `run_job`, joining the already running Ray).
+`object_store()` starts a local SeaweedFS S3 server in a temporary folder and exports its
+endpoint and credentials; `ray_session()` starts ONE embedded Ray; `bench_stack()` is both. Each
+tears down what it started on the way out, also on an error, Ctrl-C or SIGTERM.
+`prepare_model()` ingests ELPV into the store and fits PaDiM with the demo's configuration through
+`run_job` (`prepare_model_in_subprocess()` does it in a child process with its own Ray);
+`take_rows()` cuts an images archive of exactly N rows out of the ingested dataset;
+`score_archive()` runs the real `score` stage on it through `run_job` (joining the running Ray).
+`ProcessSampler` walks this process's tree every 0.2 s (psutil if importable, else /proc): RSS
+peaks and CPU seconds per process, plus when each Ray worker title was seen.
 """
 
 from __future__ import annotations
@@ -104,8 +108,12 @@ def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator
 
     num_cpus = num_cpus or os.cpu_count() or 1
     started = time.monotonic()
+    previous_handler = signal.getsignal(signal.SIGTERM)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
              log_to_driver=ray_logs)
+    # Ray's core worker installs a native SIGTERM handler that ends the process on the spot; ours
+    # raises SystemExit instead, so that Ray and the S3 server are shut down by the finally blocks.
+    signal.signal(signal.SIGTERM, _sigterm_to_exit)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         log(f"embedded Ray with {num_cpus} CPUs in {time.monotonic() - started:.1f} s "
@@ -114,6 +122,7 @@ def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
+        signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
         log("Ray stopped")
 
 
@@ -220,7 +229,8 @@ def prepare_model_in_subprocess(train_per_category: int, batch_size: int, worker
     import subprocess
 
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            "import _benchlib as b\n"
+            "import signal, _benchlib as b\n"
+            "signal.signal(signal.SIGTERM, b._sigterm_to_exit)\n"
             f"with b.ray_session(ray_logs={ray_logs!r}):\n"
             f"    p = b.prepare_model({train_per_category}, {batch_size}, {workers})\n"
             "print('PREPARED ' + json.dumps(p.__dict__), flush=True)")
@@ -293,6 +303,7 @@ class ProcessInfo:
     title: str  # the command line (Ray workers retitle themselves "ray::<what they run>")
     rss: int  # bytes
     shmem: int  # bytes of RSS that are shared memory (Ray's object store pages count here)
+    anon: int = 0  # bytes of RSS that are private anonymous memory (no library files, no shared memory)
 
 
 def _proc_status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
@@ -346,8 +357,9 @@ def process_tree(root_pid: int | None = None, exclude: set[int] = frozenset()) -
                     continue
                 title = " ".join(process.cmdline())
                 rss = process.memory_info().rss
-                shmem = _proc_status_kb(process.pid, ("RssShmem",)).get("RssShmem", 0)
-                found.append(ProcessInfo(process.pid, process.ppid(), title, rss, shmem))
+                sizes = _proc_status_kb(process.pid, ("RssShmem", "RssAnon"))
+                found.append(ProcessInfo(process.pid, process.ppid(), title, rss, sizes.get("RssShmem", 0),
+                                         sizes.get("RssAnon", 0)))
             except psutil.Error:
                 continue
         return found
@@ -361,10 +373,11 @@ def process_tree(root_pid: int | None = None, exclude: set[int] = frozenset()) -
         if pid in exclude or pid not in table:
             continue
         stack.extend(children.get(pid, []))
-        sizes = _proc_status_kb(pid, ("VmRSS", "RssShmem"))
+        sizes = _proc_status_kb(pid, ("VmRSS", "RssShmem", "RssAnon"))
         if "VmRSS" not in sizes:  # exited, or a zombie
             continue
-        found.append(ProcessInfo(pid, table[pid][0], table[pid][1], sizes["VmRSS"], sizes.get("RssShmem", 0)))
+        found.append(ProcessInfo(pid, table[pid][0], table[pid][1], sizes["VmRSS"], sizes.get("RssShmem", 0),
+                                 sizes.get("RssAnon", 0)))
     return found
 
 
@@ -421,12 +434,16 @@ class ProcessSampler:
         with self._lock:
             self.samples = 0
             self.peak_total = 0  # driver + workers
+            self.peak_anon = 0  # the same, private anonymous memory only (its own peak)
             self.peak_at: dict[str, int] = {}
+            self.peak_seconds = 0.0  # when the peak was seen, after reset
             self.peak_processes: list[ProcessInfo] = []
             self.first_total: int | None = None
             self.cpu_start: dict[int, float] = {}
             self.cpu_last: dict[int, float] = {}
             self.titles: dict[int, dict[str, int]] = {}
+            self.first_seen: dict[tuple[int, str], float] = {}  # (pid, full title) -> first time seen
+            self.last_seen: dict[tuple[int, str], float] = {}
             self.started = time.monotonic()
         self.sample()  # baseline CPU times now
 
@@ -450,12 +467,16 @@ class ProcessSampler:
         for process in processes:
             by_class[classify(process, self.driver)] += process.rss
         total = by_class["driver"] + by_class["worker"]
+        anon = sum(p.anon for p in processes if classify(p, self.driver) != "ray-system")
+        now = time.monotonic()
         with self._lock:
             self.samples += 1
             if self.first_total is None:
                 self.first_total = total
+            self.peak_anon = max(self.peak_anon, anon)
             if total > self.peak_total:
                 self.peak_total, self.peak_at = total, dict(by_class)
+                self.peak_seconds = now - self.started
                 self.peak_processes = processes
             for process in processes:
                 seconds = cpu.get(process.pid)
@@ -463,6 +484,8 @@ class ProcessSampler:
                     continue
                 self.cpu_start.setdefault(process.pid, seconds if self.samples == 1 else 0.0)
                 self.cpu_last[process.pid] = seconds
+                self.first_seen.setdefault((process.pid, process.title), now)
+                self.last_seen[(process.pid, process.title)] = now
                 titles = self.titles.setdefault(process.pid, {})
                 title = process.title
                 if title.startswith("ray::") and ")" in title:  # drop the method: ray::MapWorker(...).submit
@@ -470,6 +493,13 @@ class ProcessSampler:
                 elif not title.startswith("ray::"):
                     title = title.split(" ")[0]
                 titles[title] = titles.get(title, 0) + 1
+
+    def timeline(self, marker: str) -> list[tuple[float, float, int, str]]:
+        """(first, last seen, in seconds since reset; pid; title) of every title containing `marker`
+        that a process had (a Ray worker's title says what it runs: ray::<class>.<method>)."""
+        with self._lock:
+            return sorted((t - self.started, self.last_seen[key] - self.started, key[0], key[1])
+                          for key, t in self.first_seen.items() if marker in key[1])
 
     def cpu_by_process(self) -> list[tuple[int, str, float]]:
         """(pid, main title, CPU seconds since reset) per process, busiest first."""
@@ -521,3 +551,41 @@ def foreign_note(foreign: float, seconds: float) -> str:
     share = foreign / max(seconds * cores, 1e-9)
     flag = "  <-- OTHER WORK ON THE MACHINE: figure unreliable" if share > 0.1 else ""
     return f"other processes used {foreign:.1f} CPU s ({share:.0%} of the {cores} cores){flag}"
+
+
+def wait_until_quiet(max_wait: float, busy_limit: float = 0.15, window: float = 3.0) -> None:
+    """Wait (at most `max_wait` s) until the machine is nearly idle: less than `busy_limit` of
+    its cores busy over `window` s. Other jobs on a small machine skew every figure here."""
+    if max_wait <= 0:
+        return
+    deadline = time.monotonic() + max_wait
+    cores = os.cpu_count() or 1
+    waited = False
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        busy = (machine_busy_seconds() - before) / (window * cores)
+        if busy < busy_limit:
+            if waited:
+                log(f"machine quiet now ({busy:.0%} busy)")
+            return
+        if time.monotonic() > deadline:
+            log(f"machine still {busy:.0%} busy after waiting {max_wait:.0f} s: measuring anyway")
+            return
+        if not waited:
+            log(f"machine {busy:.0%} busy (other processes): waiting up to {max_wait:.0f} s for it to calm down")
+            waited = True
+
+
+def starvation_problem(workers: int, cpus_per_worker: float) -> str | None:
+    """Why this scorer pool would hang the score stage on this machine, or None.
+
+    The stage's scorer actors reserve `cpus_per_worker` logical CPUs each for their lifetime and
+    its decode tasks need 0.5 CPU each; when the actors hold (nearly) every CPU the decode tasks
+    are never scheduled and the step waits forever (seen with 2 x 1 CPU on 2 cores)."""
+    cores = os.cpu_count() or 1
+    if workers * cpus_per_worker > cores - 0.5:
+        return (f"{workers} scorer actor(s) x {cpus_per_worker:g} CPU leave less than the 0.5 CPU a decode task "
+                f"needs on this {cores}-CPU Ray: the score stage would wait forever (its decode tasks are "
+                "never scheduled). Use fewer workers/CPUs, or --force to run it anyway.")
+    return None

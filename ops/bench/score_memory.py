@@ -39,14 +39,15 @@ def describe_peak(sampler: bench.ProcessSampler) -> list[str]:
     lines = []
     at = sampler.peak_at
     shmem = sum(p.shmem for p in sampler.peak_processes if bench.classify(p, sampler.driver) != "ray-system")
-    lines.append(f"driver {bench.mib(at.get('driver', 0))} + Ray workers {bench.mib(at.get('worker', 0))}; "
+    lines.append(f"at {sampler.peak_seconds:.1f} s into the step: driver {bench.mib(at.get('driver', 0))} + Ray workers {bench.mib(at.get('worker', 0))}; "
                  f"of which shared memory (object store pages) {bench.mib(shmem)}; "
                  f"Ray system processes apart: {bench.mib(at.get('ray-system', 0))}")
     top = sorted(sampler.peak_processes, key=lambda p: -p.rss)
     for process in top[:6]:
         kind = bench.classify(process, sampler.driver)
         title = "driver (this script)" if kind == "driver" else process.title
-        lines.append(f"  {bench.mib(process.rss):>10s} (shm {bench.mib(process.shmem):>8s})  {kind:10s} "
+        lines.append(f"  {bench.mib(process.rss):>10s} (shm {bench.mib(process.shmem):>8s}, "
+                     f"anon {bench.mib(process.anon):>9s})  {kind:10s} "
                      f"{title[:80]}")
     return lines
 
@@ -65,6 +66,7 @@ def measure(args: argparse.Namespace, archives: list[tuple[int, str]], prepared:
     try:
         for count, archive in archives:
             wait_for_scorers_to_exit(stack["weed_pid"])
+            bench.wait_until_quiet(args.wait_quiet)
             bench.log(f"scoring {count} images (anomaly maps {'ON' if args.maps else 'OFF'}); "
                       f"peak reset at the step's start ... (load average {bench.load_average()})")
             run = bench.score_archive(archive, prepared.model_uri, workers=args.workers,
@@ -72,7 +74,7 @@ def measure(args: argparse.Namespace, archives: list[tuple[int, str]], prepared:
                                       maps=args.maps, name=f"bench-score-{count}",
                                       echo=bench.prefixed(f"score {count}"), on_start=sampler.reset)
             sampler.sample()
-            results.append({"images": count, "run": run, "peak": sampler.peak_total,
+            results.append({"images": count, "run": run, "peak": sampler.peak_total, "peak_anon": sampler.peak_anon,
                             "baseline": sampler.first_total or 0, "samples": sampler.samples,
                             "lines": describe_peak(sampler)})
             bench.log(f"  peak {bench.mib(sampler.peak_total)} over {sampler.samples} samples")
@@ -92,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-category", type=int, default=100,
                         help="normal training cells per cell type to fit on (0: all of them; default 100)")
     parser.add_argument("--interval", type=float, default=0.2, help="sampling interval in seconds (default 0.2)")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each measurement wait up to this long for other processes to calm down")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the scorer pool would starve the decode tasks (the step hangs)")
     parser.add_argument("--ray-logs", action="store_true", help="show Ray worker logs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary S3 data folder")
     args = parser.parse_args(argv)
+    problem = bench.starvation_problem(args.workers, args.cpus_per_worker)
+    if problem and not args.force:
+        parser.error(problem)
     large = args.images * args.factor
     if not 0 < args.images or large > 2624:
         parser.error(f"FACTOR x N = {large} must be in 1..2624 (the ELPV dataset)")
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(at the step's start {bench.mib(result['baseline'])}; step {run.step_seconds:.1f} s, "
               f"{run.stage_images_per_second} images/s, {result['samples']} samples)")
         print("\n".join("      " + line for line in result["lines"]))
+    anon_growth = (big["peak_anon"] - small["peak_anon"]) / small["peak_anon"] * 100
+    print(f"  private anonymous memory only (RssAnon: no shared library pages counted once per process, no "
+          f"object store pages): peak {bench.mib(small['peak_anon'])} -> {bench.mib(big['peak_anon'])} "
+          f"({anon_growth:+.1f}%)")
     print(f"  growth from {small['images']} to {big['images']} images: {growth:+.1f}%   "
           f"(goal < 15%: {'MET' if growth < 15 else 'NOT MET'})")
     print(f"  whole benchmark: {time.monotonic() - total_started:.0f} s")

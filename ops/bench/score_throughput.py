@@ -6,21 +6,24 @@ What is measured
       model's forward pass over exactly the archive's images: per category model, consecutive
       full batches of `--batch-size` (the last one zero-padded, as the scorer pads it), with
       torch limited to the threads the scorer actor gets (`int(cpus_per_worker)`). One warm-up
-      batch per model is not timed. With --maps, the PNG encoding of the maps is timed apart
-      (it is part of the stage's work, not of the model's).
+      batch per model is not timed. The loop runs before the pipeline step and again after it
+      (this machine's speed drifts with other work); the ratio uses the mean of both. With
+      --maps, the PNG encoding of the maps is timed apart (stage work, not model work).
   (b) whole pipeline: the real `score` stage through `run_job` (Ray Data decode tasks reading the
       archive's Parquet parts from S3 -> scorer actor pool -> the driver writing score parts and
-      the manifest to S3) on the same archive, same batch size, same image size. Reported: the
-      stage's own figure (`images_per_second` in its StepResult details: scored images over the
-      stage's whole run time, planning and publishing included) and images over the wall time
-      around `run_job`. Actor start-up (torch import, model load) is part of the step, as it is in
-      production.
+      the manifest to S3) on the same archive, same batch size, same image size, anomaly maps off
+      (default) or on (--maps); the output says which. Reported: the stage's own figure
+      (`images_per_second` in its StepResult details: scored images over the stage's whole run
+      time, planning and publishing included) and images over the wall time around `run_job`.
+      Actor start-up (imports, model load) is part of the step, as it is in production.
   ratio = stage images/s / bare images/s (goal >= 0.8). With --workers W > 1 the bare figure is
   also scaled by W (an upper bound: W independent copies of the bare loop).
 
-While the step runs a background sampler reads /proc every 0.2 s and reports the CPU seconds
-each process of the Ray session used: where the step's time went (scorer actor, decode tasks,
-driver). --profile additionally records the scorer actor with py-spy and summarizes its stacks.
+While the step runs a background sampler reads /proc every 0.2 s: the CPU seconds each process
+of the Ray session used, and a timeline of the Ray workers' titles (when the decode tasks ran,
+when the scorer actor was in __init__ and when it was scoring). CPU used by other processes on
+the machine is reported beside each figure (--wait-quiet waits for a calm machine first).
+--profile also records the scorer actor with py-spy and summarizes where its time went.
 
 Set-up (not timed): a SeaweedFS S3 server in a temporary folder, ONE embedded Ray with all cores,
 ELPV ingested into S3 (2,624 cells), the demo's PaDiM (EfficientNet-Lite0, stages 1-3, 100
@@ -29,7 +32,7 @@ channels, 256 px) fitted per cell type on normal training cells (capped by
 archive of the first --images cells (dataset order, both cell types, 256 rows per part).
 
     .venv/bin/python ops/bench/score_throughput.py [--images 512] [--batch-size 16] [--workers 1]
-                                                   [--cpus-per-worker 1] [--maps] [--profile]
+                    [--cpus-per-worker 1] [--maps] [--profile] [--wait-quiet SECONDS]
 """
 
 from __future__ import annotations
@@ -59,7 +62,11 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
     from pipelines.models.inference import encode_map, to_tensor
     from pipelines.models.registry import TrainedDetector
 
+    started = time.monotonic()
     detector = TrainedDetector.load(bench.location(model_uri))
+    load_seconds = time.monotonic() - started
+    model_bytes = bench.location(model_uri).join("model.safetensors")
+    model_bytes = model_bytes.fs.get_file_info(model_bytes.path).size
     size = detector.image_size
     table = datasets.read_table(bench.location(archive_uri), columns=["image", "category"])
     images = table["image"].to_pylist()
@@ -105,9 +112,11 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
         load = bench.ForeignLoad()
         own = bench.own_cpu_seconds()
         started = time.monotonic()
-        kept_maps = []
+        kept_maps, pass_seconds = [], []
         for key, members in batches:
+            pass_started = time.monotonic()
             _, batch_maps = forward(key, members)
+            pass_seconds.append(time.monotonic() - pass_started)
             if maps:
                 kept_maps.append(batch_maps)
         seconds = time.monotonic() - started
@@ -121,7 +130,10 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
             encode_seconds = time.monotonic() - started
     finally:
         torch.set_num_threads(previous_threads)
+    median_pass = float(np.median(pass_seconds))
     return {"images": len(images), "seconds": seconds, "images_per_second": len(images) / seconds,
+            "median_pass_seconds": median_pass, "load_seconds": load_seconds, "model_bytes": model_bytes,
+            "median_images_per_second": len(images) / (median_pass * len(batches)),
             "forward_passes": len(batches), "pipeline_passes": pipeline_passes, "foreign_cpu": foreign, "models": {k: len(v) for k, v in groups.items()},
             "decode_ms_per_image": 1000 * decode_seconds / len(images),
             "encode_ms_per_image": 1000 * encode_seconds / len(images) if encode_seconds is not None else None}
@@ -219,10 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps", action="store_true", help="also encode and store anomaly maps (default off)")
     parser.add_argument("--train-per-category", type=int, default=100,
                         help="normal training cells per cell type to fit on (0: all of them; default 100)")
+    parser.add_argument("--no-bare-after", dest="bare_after", action="store_false",
+                        help="time the bare model only before the step, not also after it")
     parser.add_argument("--profile", action="store_true", help="py-spy record the scorer actor during the step")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each measurement wait up to this long for other processes to calm down")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the scorer pool would starve the decode tasks (the step hangs)")
     parser.add_argument("--ray-logs", action="store_true", help="show Ray worker logs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary S3 data folder")
     args = parser.parse_args(argv)
+    problem = bench.starvation_problem(args.workers, args.cpus_per_worker)
+    if problem and not args.force:
+        parser.error(problem)
     if not 0 < args.images <= 2624:
         parser.error("--images must be in 1..2624 (the ELPV dataset)")
     threads = max(1, int(args.cpus_per_worker))
@@ -235,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.take_rows(prepared.dataset_uri, archive, count=args.images)
         bench.log(f"archive of {args.images} images: {archive}")
 
+        bench.wait_until_quiet(args.wait_quiet)
         bench.log(f"(a) bare model, {threads} torch thread(s), batch {args.batch_size} ... "
                   f"(load average {bench.load_average()})")
-        bare = bare_model(archive, prepared.model_uri, args.batch_size, threads, args.maps)
-        bench.log(f"    {bare['images_per_second']:.2f} images/s ({bare['forward_passes']} forward passes)")
+        bares = [bare_model(archive, prepared.model_uri, args.batch_size, threads, args.maps)]
+        bench.log(f"    {bares[0]['images_per_second']:.2f} images/s ({bares[0]['forward_passes']} forward passes)")
 
+        bench.wait_until_quiet(args.wait_quiet)
         exclude = {stack["weed_pid"]}
         sampler = bench.ProcessSampler(exclude=exclude).start()
         profiler = ActorProfiler(exclude).start() if args.profile else None
@@ -259,27 +282,42 @@ def main(argv: list[str] | None = None) -> int:
             sampler.sample()
             weed_cpu = (bench.cpu_seconds(stack["weed_pid"]) or 0.0) - marks["weed"]
             cpu = sampler.cpu_by_process()
+            timeline = sampler.timeline("ScoreBatch") + sampler.timeline("decode_parts")
             foreign, foreign_seconds = marks["load"].stop(sum(seconds for _, _, seconds in cpu) + weed_cpu)
         finally:
             sampler.stop()
             if profiler is not None:
                 profiler.stop()
 
+        if args.bare_after:
+            bench.wait_until_quiet(args.wait_quiet)
+            bench.log("(a') bare model again, after the step (the machine's speed drifts) ...")
+            bares.append(bare_model(archive, prepared.model_uri, args.batch_size, threads, args.maps))
+            bench.log(f"    {bares[1]['images_per_second']:.2f} images/s")
+
     stage_ips = run.stage_images_per_second or 0.0
     wall_ips = run.images / run.wall_seconds
-    ratio = stage_ips / bare["images_per_second"]
+    bare = bares[0]
+    bare_ips = float(np.mean([b["images_per_second"] for b in bares]))
+    bare_median_ips = float(np.mean([b["median_images_per_second"] for b in bares]))
+    ratio = stage_ips / bare_ips
     print()
     print("=" * 100)
     print(f"score throughput: {run.images} ELPV images, batch {args.batch_size}, {bench.PADIM['image_size']} px, "
           f"PaDiM {bench.PADIM['backbone']} stages {bench.PADIM['stages']} x {bench.PADIM['kept_channels']} ch, "
           f"{os.cpu_count()} cores")
     print(f"  models: {bare['models']} (images per category model)")
-    print(f"  (a) bare model forward, {threads} torch thread(s):  {bare['images_per_second']:8.2f} images/s "
-          f"({bare['forward_passes']} passes of {args.batch_size}, {bare['seconds']:.1f} s; "
-          f"decode alone {bare['decode_ms_per_image']:.1f} ms/image, not timed)")
-    print(f"      during the timed loop {bench.foreign_note(bare['foreign_cpu'], bare['seconds'])}")
+    print(f"  (a) bare model forward, {threads} torch thread(s), {bare['forward_passes']} passes of {args.batch_size} "
+          f"(decode alone {bare['decode_ms_per_image']:.1f} ms/image, not timed):")
+    for label, result in zip(("before the step", "after the step "), bares):
+        print(f"      {label}: {result['images_per_second']:8.2f} images/s ({result['seconds']:.1f} s; "
+              f"median pass {result['median_pass_seconds']:.3f} s -> {result['median_images_per_second']:.2f} images/s); "
+              f"{bench.foreign_note(result['foreign_cpu'], result['seconds'])}")
+    print(f"      bare figure used below: {bare_ips:.2f} images/s (mean of {len(bares)})")
+    print(f"      TrainedDetector.load from S3 (model.safetensors {bare['model_bytes'] / 2**20:.0f} MiB) took "
+          f"{bare['load_seconds']:.1f} s here (warm imports); the stage does it in the driver and in each actor")
     if bare["encode_ms_per_image"] is not None:
-        both = run.images / (bare["seconds"] + bare["encode_ms_per_image"] * run.images / 1000)
+        both = run.images / (run.images / bare_ips + bare["encode_ms_per_image"] * run.images / 1000)
         print(f"      + PNG map encoding {bare['encode_ms_per_image']:.1f} ms/image -> bare forward + encode: "
               f"{both:.2f} images/s")
     print(f"      the scorer's slot geometry needs {bare['pipeline_passes']} passes for the same rows "
@@ -289,15 +327,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      stage's own figure (StepResult images_per_second): {stage_ips:8.2f} images/s")
     print(f"      wall around run_job: {run.wall_seconds:.1f} s -> {wall_ips:8.2f} images/s "
           f"(step {run.step_seconds:.1f} s in the run record)")
-    print(f"  ratio pipeline / bare: {ratio:.2f}   (goal >= 0.8: {'MET' if ratio >= 0.8 else 'NOT MET'})")
+    submits = [first for first, _, _, title in timeline if "ScoreBatch" in title and title.endswith(".submit")]
+    if submits:
+        first_batch = min(submits)
+        steady = run.images / max(run.wall_seconds - first_batch, 1e-9)
+        print(f"      of which start-up until the scorer's first batch: {first_batch:.1f} s; from then on "
+              f"{steady:.2f} images/s (ratio to bare {steady / bare_ips:.2f})")
+    print(f"  ratio pipeline / bare: {ratio:.2f}   (goal >= 0.8: {'MET' if ratio >= 0.8 else 'NOT MET'}; "
+          f"against the median-pass bare figure: {stage_ips / bare_median_ips:.2f})")
     if args.workers > 1:
-        print(f"  ratio pipeline / (bare x {args.workers} workers): {stage_ips / (bare['images_per_second'] * args.workers):.2f}")
+        print(f"  ratio pipeline / (bare x {args.workers} workers): {stage_ips / (bare_ips * args.workers):.2f}")
     print(f"  where the step's CPU time went ({run.step_seconds:.1f} s wall x {os.cpu_count()} cores; "
           "sampled every 0.2 s):")
     for pid, title, seconds in cpu[:8]:
         if seconds >= 0.05:
             print(f"    {seconds:7.1f} CPU s  {title[:90]}  (pid {pid})")
     print(f"    {weed_cpu:7.1f} CPU s  SeaweedFS (S3 server)")
+    print(f"  timeline of the step (seconds after it started; process titles sampled every 0.2 s; "
+          f"the step ended at {run.wall_seconds:.1f}):")
+    for first, last, pid, title in sorted(timeline):
+        print(f"    {first:6.1f} - {last:6.1f}  pid {pid:<7d} {title[:90]}")
     print(f"    during the step {bench.foreign_note(foreign, foreign_seconds)}")
     if profiler is not None:
         print("\n".join("  " + line for line in profiler.summary()))
