@@ -20,7 +20,7 @@ from pipelines.datasets import fingerprint
 from pipelines.errors import AdpipeError, JobFailed
 from pipelines.runs import RunRecord, new_run_id
 from pipelines.spec import JobSpec, RaySpec, StepSpec, spec_to_data, step_references
-from pipelines.stages import STAGE_KINDS, StepContext, StepResult
+from pipelines.stages.registry import STAGE_KINDS, StepContext, StepResult
 from pipelines.storage import Location, S3Settings
 
 log = logging.getLogger("adpipe")

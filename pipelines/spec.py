@@ -346,7 +346,7 @@ def check_keys(data: Mapping[Any, Any], allowed: typing.Iterable[str], path: str
 
 
 def _param_keys(kind: str) -> list[str]:
-    from pipelines.stages import STAGE_KINDS
+    from pipelines.stages.registry import STAGE_KINDS
 
     return [f.name for f in dataclasses.fields(STAGE_KINDS[kind].params) if f.init]
 
@@ -377,7 +377,7 @@ def parse_dataclass(cls: type, data: Any, path: str) -> Any:
 
 
 def _parse_step(kind: str, name: str, body: Mapping[str, Any], path: str) -> StepSpec:
-    from pipelines.stages import STAGE_KINDS
+    from pipelines.stages.registry import STAGE_KINDS
 
     if kind not in STAGE_KINDS:
         raise SpecError(f"{path}.kind" if path else "kind",
@@ -388,7 +388,7 @@ def _parse_step(kind: str, name: str, body: Mapping[str, Any], path: str) -> Ste
 
 def parse_spec(data: Any) -> JobSpec:
     """Validate a job spec given as plain data (what YAML loads) and return the typed spec."""
-    from pipelines.stages import STAGE_KINDS
+    from pipelines.stages.registry import STAGE_KINDS
 
     if not isinstance(data, Mapping):
         raise SpecError("", f"a job spec must be a mapping at the top level, got {_describe(data)}")
@@ -423,7 +423,7 @@ def parse_spec(data: Any) -> JobSpec:
 
 
 def _parse_pipeline_steps(body: Mapping[str, Any]) -> tuple[StepSpec, ...]:
-    from pipelines.stages import STAGE_KINDS
+    from pipelines.stages.registry import STAGE_KINDS
 
     raw_steps = body.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -132,6 +135,23 @@ def test_scoring_a_missing_model_or_a_non_image_dataset_is_an_input_error(traine
     root, model = trained_model
     with pytest.raises(InputError, match="config.json is missing"):
         run_job(parse_spec(score_spec(root, odd_archive.uri, f"{root}/models/nope/1")), echo=quiet)
+
+
+def test_a_scorer_pool_holding_every_cpu_is_refused_not_left_hanging(trained_model, odd_archive):
+    # The session's Ray has 2 CPUs: 2 scorer actors x 1 CPU would leave nothing for the decode tasks.
+    root, model = trained_model
+    spec = score_spec(root, odd_archive.uri, model)
+    spec["resources"] = {"workers": 2, "cpus_per_worker": 1, "batch_size": 4}
+    with pytest.raises(InputError, match=r"resources: 2 scorer worker\(s\) x 1 CPU .* 2 CPUs"):
+        run_job(parse_spec(spec), echo=quiet)
+
+
+def test_decode_tasks_do_not_import_torch():
+    """Decode workers import `pipelines.stages.image_batches` by name; pulling torch (and every
+    stage) in with it cost about 800 MB of RSS per worker and seconds of start-up."""
+    code = "import sys, pipelines.stages.image_batches; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_threshold_f1_max_on_labelled_validation_images(trained_model):

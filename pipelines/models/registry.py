@@ -59,6 +59,36 @@ def detector_type(name: str) -> DetectorType:
     return DETECTORS[name]
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What `config.json` says about a model artifact: enough to plan a job without its tensors
+    (a PaDiM artifact's tensors are hundreds of MiB; a driver that only checks image size and
+    thresholds should not download them)."""
+
+    method: str
+    config: Any
+    categories: tuple[str, ...]
+    thresholds: dict[str, float]
+    info: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @classmethod
+    def read(cls, folder: Location) -> ModelCard:
+        config_location = folder.join("config.json")
+        if not config_location.exists():
+            raise InputError(f"no model at {folder.describe()}: config.json is missing")
+        meta = config_location.read_json()
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise InputError(f"{config_location.uri} is not an adpipe model (format {meta.get('format')!r})")
+        kind = detector_type(meta["method"])
+        return cls(method=meta["method"], config=kind.config_from_json(meta["config"]),
+                   categories=tuple(meta["categories"]),
+                   thresholds={k: float(v) for k, v in meta["thresholds"].items()}, info=meta.get("info", {}))
+
+
 @dataclass
 class TrainedDetector:
     """Per-category models of one method, with their decision thresholds."""
@@ -93,19 +123,13 @@ class TrainedDetector:
 
     @classmethod
     def load(cls, folder: Location, device: str = "cpu") -> TrainedDetector:
-        config_location = folder.join("config.json")
-        if not config_location.exists():
-            raise InputError(f"no model at {folder.describe()}: config.json is missing")
-        meta = config_location.read_json()
-        if meta.get("format") != ARTIFACT_FORMAT:
-            raise InputError(f"{config_location.uri} is not an adpipe model (format {meta.get('format')!r})")
-        kind = detector_type(meta["method"])
-        config = kind.config_from_json(meta["config"])
+        card = ModelCard.read(folder)
+        kind = detector_type(card.method)
         tensors = load_safetensors(folder.join("model.safetensors").read_bytes())
         models = {}
-        for key in meta["categories"]:
+        for key in card.categories:
             prefix = f"{key}/"
             own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-            models[key] = kind.build(config, own).to(device).eval()
-        return cls(method=meta["method"], config=config, models=models,
-                   thresholds={k: float(v) for k, v in meta["thresholds"].items()}, info=meta.get("info", {}))
+            models[key] = kind.build(card.config, own).to(device).eval()
+        return cls(method=card.method, config=card.config, models=models, thresholds=dict(card.thresholds),
+                   info=card.info)

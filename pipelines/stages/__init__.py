@@ -1,20 +1,6 @@
-"""Registry of stage kinds. A new kind is a module here with `KIND = StageKind(...)`, added below."""
+"""Stage kinds (one module each) and the Ray glue they share.
 
-from __future__ import annotations
-
-from pipelines.stages import describe, evaluate, ingest, score, train
-from pipelines.stages.base import StageKind, StepContext, StepResult
-
-
-def _registry(*kinds: StageKind) -> dict[str, StageKind]:
-    registry: dict[str, StageKind] = {}
-    for kind in kinds:
-        if kind.name in registry or kind.name == "pipeline":
-            raise RuntimeError(f"stage kind {kind.name!r} registered twice")
-        registry[kind.name] = kind
-    return registry
-
-
-STAGE_KINDS = _registry(ingest.KIND, describe.KIND, train.KIND, score.KIND, evaluate.KIND)
-
-__all__ = ["STAGE_KINDS", "StageKind", "StepContext", "StepResult"]
+Deliberately empty: Ray workers import stage modules by name (a decode task imports
+`pipelines.stages.image_batches`), and an import here would pull every stage and torch into each
+of them. The registry of kinds is `pipelines.stages.registry.STAGE_KINDS`.
+"""

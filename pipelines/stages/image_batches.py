@@ -22,6 +22,7 @@ from pipelines.data.preprocess import decode_rgb
 from pipelines.storage import Location
 
 ROW_COLUMNS = ["image_id", "category", "split", "label"]
+DECODE_CPUS = 0.5  # logical CPUs per decode task: decoding one part is light, two run per core
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,12 @@ def select_rows(folder: Location, manifest: datasets.Manifest,
     return selections, (pa.concat_tables(kept) if kept else pa.table({}))
 
 
-def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location], image_size: int,
+                 max_pixels: int) -> dict[str, np.ndarray]:
     """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded."""
     out: dict[str, list] = {k: [] for k in ("_part", "_row", "_seq", *ROW_COLUMNS, "pixels", "error")}
-    for part, location, rows in zip(task["part"], task["location"], task["rows"]):
+    for part, rows in zip(task["part"], task["rows"]):
+        location = locations[int(part)]
         table = pq.read_table(location.path, filesystem=location.fs, columns=["image", *ROW_COLUMNS])
         rows = [int(r) for r in rows]
         for sequence, (row, record) in enumerate(zip(rows, table.take(pa.array(rows, pa.int64())).to_pylist())):
@@ -81,17 +84,18 @@ def decode_parts(task: dict[str, np.ndarray], *, image_size: int, max_pixels: in
     }
 
 
-def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int,
-                   cpus_per_task: float = 0.5) -> ray.data.Dataset:
+def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int) -> ray.data.Dataset:
     """A Ray dataset of decoded rows (one decode task per part with selected rows).
 
     The decode tasks ask for another CPU amount than the model actors downstream, so that Ray Data
     does not fuse them into the actors: decoding then runs in parallel CPU tasks, not in the
-    actor's process between model calls.
+    actor's process between model calls. The parts' locations (with their filesystem and its
+    credentials) travel in `fn_kwargs`, not as a column: Arrow has no type for them.
     """
-    tasks = [{"part": s.part, "location": s.location, "rows": list(s.rows)} for s in selections if s.rows]
+    tasks = [{"part": s.part, "rows": list(s.rows)} for s in selections if s.rows]
     if not tasks:
         raise ValueError("no rows selected")
+    locations = {s.part: s.location for s in selections if s.rows}
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        decode_parts, fn_kwargs={"image_size": image_size, "max_pixels": max_pixels},
-        batch_size=1, num_cpus=cpus_per_task)
+        decode_parts, fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels},
+        batch_size=1, num_cpus=DECODE_CPUS)
