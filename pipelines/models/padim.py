@@ -14,7 +14,6 @@ the reference implementation; image score: the map's maximum.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -154,14 +153,3 @@ class Padim(nn.Module):
         model.mean = tensors["mean"].float().contiguous()
         model.inverse_covariance = tensors["inverse_covariance"].float().contiguous()
         return model
-
-
-def config_from_json(data: dict) -> PadimConfig:
-    names = {f.name for f in dataclasses.fields(PadimConfig)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown PaDiM config keys {sorted(unknown)}")
-    data = dict(data)
-    if "stages" in data:
-        data["stages"] = tuple(data["stages"])
-    return PadimConfig(**data)

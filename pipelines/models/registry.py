@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipelines.errors import InputError
-from pipelines.models.padim import Padim, PadimConfig, config_from_json
+from pipelines.models.padim import Padim, PadimConfig
 from pipelines.storage import Location
 
 ARTIFACT_FORMAT = "adpipe.model/1"
@@ -31,10 +31,10 @@ ALL_CATEGORIES = "*"  # key of a model fitted on every category at once
 @dataclass(frozen=True)
 class DetectorType:
     name: str
-    config_class: type
     config_from_json: Callable[[dict], Any]
     build: Callable[[Any, dict[str, torch.Tensor] | None], torch.nn.Module]
-    fit: str  # "statistics": streamed sufficient statistics, no gradient descent
+    fit: str  # "statistics": streamed sufficient statistics; "gradient": a Ray Train job
+    scores_images: bool = True  # False: a generative model other methods use (ddpm), not a detector
 
 
 def _build_padim(config: PadimConfig, tensors: dict[str, torch.Tensor] | None) -> Padim:
@@ -50,7 +50,33 @@ def register(detector: DetectorType) -> None:
     DETECTORS[detector.name] = detector
 
 
-register(DetectorType("padim", PadimConfig, config_from_json, _build_padim, fit="statistics"))
+def _build_ddpm(config, tensors: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    from pipelines.models.ddpm import build_unet
+
+    model = build_unet(config)
+    if tensors is not None:
+        model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _ddpm_config_from_json(data: dict):
+    from pipelines.models.ddpm import DdpmConfig
+
+    return _dataclass_from_json(DdpmConfig, data)
+
+
+def _dataclass_from_json(cls: type, data: dict) -> Any:
+    """A frozen config dataclass from its `asdict` JSON (lists back to tuples)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"{cls.__name__}: unknown fields {unknown} in a model's config.json")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+register(DetectorType("padim", lambda data: _dataclass_from_json(PadimConfig, data), _build_padim, fit="statistics"))
+# The DDPM's module (diffusers) is imported only when a DDPM is used: scorers of other models skip it.
+register(DetectorType("ddpm", _ddpm_config_from_json, _build_ddpm, fit="gradient", scores_images=False))
 
 
 def detector_type(name: str) -> DetectorType:
@@ -74,6 +100,10 @@ class ModelCard:
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+    @property
+    def scores_images(self) -> bool:
+        return detector_type(self.method).scores_images
 
     @classmethod
     def read(cls, folder: Location) -> ModelCard:
@@ -111,15 +141,8 @@ class TrainedDetector:
 
     def save(self, folder: Location, lineage: dict[str, Any] | None = None) -> None:
         """Tensors first, config.json last: a model exists once its config does."""
-        # clone: category models may share tensors (one channel subset), which safetensors refuses
-        tensors = {f"{key}/{name}": tensor.clone() for key, model in self.models.items()
-                   for name, tensor in model.tensors().items()}
-        folder.join("model.safetensors").write_bytes(save_safetensors(tensors))
-        folder.join("config.json").write_json({
-            "format": ARTIFACT_FORMAT, "method": self.method, "config": dataclasses.asdict(self.config),
-            "categories": sorted(self.models), "thresholds": self.thresholds, "info": self.info,
-            "lineage": lineage or {},
-        })
+        save_artifact(folder, self.method, self.config, {key: model.tensors() for key, model in self.models.items()},
+                      thresholds=self.thresholds, info=self.info, lineage=lineage)
 
     @classmethod
     def load(cls, folder: Location, device: str = "cpu") -> TrainedDetector:
@@ -133,3 +156,19 @@ class TrainedDetector:
             models[key] = kind.build(card.config, own).to(device).eval()
         return cls(method=card.method, config=card.config, models=models, thresholds=dict(card.thresholds),
                    info=card.info)
+
+
+def save_artifact(folder: Location, method: str, config: Any, tensors: dict[str, dict[str, torch.Tensor]],
+                  thresholds: dict[str, float] | None = None, info: dict[str, Any] | None = None,
+                  lineage: dict[str, Any] | None = None) -> None:
+    """Write a model artifact: `tensors` maps a category key to that model's named tensors.
+    Tensors first, config.json last: a model exists once its config does."""
+    # clone: category models may share tensors (one channel subset), which safetensors refuses
+    flat = {f"{key}/{name}": tensor.detach().cpu().clone().contiguous()
+            for key, named in tensors.items() for name, tensor in named.items()}
+    folder.join("model.safetensors").write_bytes(save_safetensors(flat))
+    folder.join("config.json").write_json({
+        "format": ARTIFACT_FORMAT, "method": method, "config": dataclasses.asdict(config),
+        "categories": sorted(tensors), "thresholds": thresholds or {}, "info": info or {},
+        "lineage": lineage or {},
+    })

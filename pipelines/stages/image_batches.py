@@ -52,6 +52,25 @@ def select_rows(folder: Location, manifest: datasets.Manifest,
     return selections, (pa.concat_tables(kept) if kept else pa.table({}))
 
 
+def check_room_for_decoding(workers: int, cpus_per_worker: float, what: str) -> None:
+    """Refuse a pool of long-lived workers that leaves no CPU for the decode tasks feeding it.
+
+    Actors (scorers, Ray Train workers) hold their CPUs for the whole step; if they hold every CPU
+    of the cluster, the decode tasks are never scheduled and the step waits forever (seen: 2
+    workers x 1 CPU on a 2-CPU machine). Checked against the cluster as it is now: an autoscaling
+    cluster still at its minimum size is refused too, rather than risk the hang.
+    """
+    from pipelines.errors import InputError
+
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    wanted = workers * cpus_per_worker
+    if wanted + DECODE_CPUS > cluster_cpus:
+        raise InputError(
+            f"resources: {workers} {what}(s) x {cpus_per_worker:g} CPU = {wanted:g} CPUs leave less than the "
+            f"{DECODE_CPUS:g} CPU a decode task needs on this Ray cluster ({cluster_cpus:g} CPUs); the step "
+            "would wait forever. Lower resources.workers or resources.cpus_per_worker.")
+
+
 def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location], image_size: int,
                  max_pixels: int) -> dict[str, np.ndarray]:
     """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded."""

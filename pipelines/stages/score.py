@@ -29,7 +29,7 @@ from pipelines.models.registry import ModelCard, TrainedDetector
 from pipelines.errors import InputError
 from pipelines.spec import DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_name
 from pipelines.stages.base import StageKind, StepContext, StepResult
-from pipelines.stages.image_batches import DECODE_CPUS, decoded_images, select_rows
+from pipelines.stages.image_batches import check_room_for_decoding, decoded_images, select_rows
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -120,23 +120,6 @@ def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored
     return pa.Table.from_pydict(columns, schema=SCORES_SCHEMA)
 
 
-def _check_scorer_pool_fits(resources: ResourcesSpec) -> None:
-    """Refuse a scorer pool that leaves no CPU for the decode tasks feeding it.
-
-    The scorer actors hold their CPUs for the whole step; if they hold every CPU of the cluster,
-    the decode tasks are never scheduled and the step waits forever (seen: 2 workers x 1 CPU on a
-    2-CPU machine). Checked against the cluster as it is now: an autoscaling cluster still at its
-    minimum size is refused too, rather than risk the hang.
-    """
-    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-    wanted = resources.workers * resources.cpus_per_worker
-    if wanted + DECODE_CPUS > cluster_cpus:
-        raise InputError(
-            f"resources: {resources.workers} scorer worker(s) x {resources.cpus_per_worker:g} CPU = {wanted:g} CPUs "
-            f"leave less than the {DECODE_CPUS:g} CPU a decode task needs on this Ray cluster ({cluster_cpus:g} CPUs); "
-            "the step would wait forever. Lower resources.workers or resources.cpus_per_worker.")
-
-
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: ScoreParams = step.params
     started = time.monotonic()
@@ -144,7 +127,9 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     manifest = datasets.read_manifest(images, table="images")
     model_folder = context.input_dataset(params.model)
     card = ModelCard.read(model_folder)  # fail fast (exit 2) on a missing or foreign model; no tensors
-    _check_scorer_pool_fits(params.resources)
+    if not card.scores_images:
+        raise InputError(f"{model_folder.uri} is a {card.method!r} model, which does not score images")
+    check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
     model_name = f"{model_folder.parent().name}@{model_folder.name}"
     archive = params.outputs.archive or manifest.name
     folder = context.root.join("scores", archive, model_name, context.run_id)

@@ -1,6 +1,6 @@
-"""`train`: fit a detector on the normal training images of a dataset -> a model artifact.
+"""`train`: fit a model on the normal training images of a dataset -> a model artifact.
 
-PaDiM fits by streamed sufficient statistics, not gradient descent: Ray Data decodes the
+`method: ddpm` trains a diffusion U-Net with Ray Train (`pipelines.stages.train_ddpm`). PaDiM fits by streamed sufficient statistics, not gradient descent: Ray Data decodes the
 selected images in CPU tasks, `streaming_split` hands one stream to each of `workers` fitter
 actors, each keeps per-category running sums (memory independent of the number of images), and
 the driver adds the partial sums and inverts the covariances. A seeded fraction of the normal
@@ -24,12 +24,15 @@ from pipelines import datasets
 from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.errors import InputError, SpecError
 from pipelines.models.backbones import BACKBONES
+from pipelines.models.ddpm import DdpmConfig, OptimConfig
 from pipelines.models.inference import score_in_slots, to_tensor
 from pipelines.models.padim import Padim, PadimConfig, PadimStatistics
 from pipelines.models.registry import ALL_CATEGORIES, TrainedDetector
 from pipelines.models.thresholds import calibrate
 from pipelines.spec import DatasetInputSpec, ResourcesSpec, StepSpec, check_name, check_positive
+from pipelines.stages import train_ddpm
 from pipelines.stages.base import StageKind, StepContext, StepResult
+from pipelines.stages.train_ddpm import DdpmTrainingSpec
 from pipelines.stages.image_batches import decoded_images, select_rows
 from pipelines.storage import Location
 
@@ -71,17 +74,23 @@ class ThresholdSpec:
 
 @dataclass(frozen=True)
 class TrainParams:
-    method: Literal["padim"]
+    method: Literal["padim", "ddpm"]
     inputs: DatasetInputSpec
     outputs: ModelOutputSpec
-    padim: PadimConfig = PadimConfig()
-    per_category: bool = True  # one model per category, or one over all of them
+    padim: PadimConfig = PadimConfig()  # method padim
+    per_category: bool = True  # padim: one model per category, or one over all of them
     categories: tuple[str, ...] | None = None  # default: every category with normal training images
-    threshold: ThresholdSpec = ThresholdSpec()
+    threshold: ThresholdSpec = ThresholdSpec()  # padim
+    ddpm: DdpmConfig = DdpmConfig()  # method ddpm: the U-Net and its noise schedule
+    optim: OptimConfig = OptimConfig()  # ddpm
+    training: DdpmTrainingSpec = DdpmTrainingSpec()  # ddpm: steps, checkpoints, augmentation
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     resources: ResourcesSpec = ResourcesSpec()
 
     def validate(self, path: str) -> TrainParams:
+        if self.method == "ddpm":
+            train_ddpm.validate_params(self, path)
+            return self
         prefix = f"{path}.padim" if path else "padim"
         config = self.padim
         if config.backbone not in BACKBONES:
@@ -181,6 +190,12 @@ def _validation_images(params: TrainParams, context: StepContext) -> dict[str, n
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: TrainParams = step.params
+    if params.method == "ddpm":
+        return train_ddpm.run_ddpm(params, context)
+    return run_padim(params, context)
+
+
+def run_padim(params: TrainParams, context: StepContext) -> StepResult:
     started = time.monotonic()
     folder_in = context.input_dataset(params.inputs)
     manifest = datasets.read_manifest(folder_in, table="images")

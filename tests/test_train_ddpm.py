@@ -1,0 +1,221 @@
+"""DDPM training with Ray Train on real Ray and the real S3 store: 2 workers (DDP over gloo),
+checkpoints, resume of an interrupted run, recovery of a killed worker, export, sampling.
+
+Tiny U-Nets (16 px, about 0.1 M parameters) and few steps: Ray Train's start-up dominates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from imagefiles import write
+from pipelines import datasets
+from pipelines.errors import InputError, SpecError
+from pipelines.orchestrator import run_job
+from pipelines.spec import parse_spec
+from pipelines.storage import Location
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"image_size": 16, "block_out_channels": [16, 32], "layers_per_block": 1}
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def flat_images(folder: Path, count: int, categories: tuple[str, ...] = ("a",)) -> Path:
+    """A trivially learnable dataset: nearly flat images, one shade per category (MVTec layout)."""
+    rng = np.random.default_rng(0)
+    for c, category in enumerate(categories):
+        for i in range(count):
+            shade = 60 + 120 * c
+            pixels = np.clip(shade + rng.normal(0, 2, (24, 24, 3)), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            write(folder / category / "train" / "good" / f"{i:03d}.png", buffer.getvalue())
+    return folder
+
+
+def ddpm_pipeline(root: str, images: Path, steps: int, checkpoint_every: int, conditional: bool,
+                  learned_variance: bool, samples: int = 4) -> dict:
+    return {
+        "kind": "pipeline", "name": "ddpm-test", "storage": {"root": root}, "ray": {"address": "local"},
+        "steps": [
+            {"name": "ingest", "kind": "ingest", "source": {"type": "mvtec", "uri": str(images)},
+             "outputs": {"dataset": "flat"}},
+            {"name": "train", "kind": "train", "method": "ddpm", "inputs": {"dataset": "step:ingest"},
+             "outputs": {"model": "ddpm-flat"},
+             "ddpm": {**TINY, "learned_variance": learned_variance},
+             "optim": {"lr": 0.002, "warmup_steps": 2, "ema_decay": 0.9},
+             "training": {"steps": steps, "checkpoint_every": checkpoint_every, "log_every": 2,
+                          "class_conditional": conditional, "max_failures": 2},
+             "resources": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 4}},
+            {"name": "sample", "kind": "sample", "model": {"uri": "step:train"}, "count": samples, "steps": 5,
+             "outputs": {"dataset": "flat-samples", "rows_per_part": 2}},
+        ],
+    }
+
+
+def checkpoint_steps(train_folder: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in train_folder.glob("*/step-*/training_state.json"))
+
+
+def registered_step(train_folder: Path) -> int:
+    """The checkpoint Ray Train has registered (and will restore): its manager's JSON snapshot."""
+    snapshot = train_folder / "run" / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return 0
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", 0))
+
+
+def history(root: Path, run_id: str) -> list[dict]:
+    path = root / "runs" / run_id / "steps" / "train" / "train_metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_model_that_samples(
+        tmp_path, file_root):
+    images = flat_images(tmp_path / "images", 8, categories=("a", "b"))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(ddpm_pipeline(file_root, images, steps=40, checkpoint_every=4,
+                                                 conditional=True, learned_variance=True)))
+    root = Path(file_root[len("file://"):])
+    train_folder = root / "runs" / "ddpm-1" / "steps" / "train" / "ray-train"
+    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-id", "ddpm-1"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not registered_step(train_folder) and process.poll() is None:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training workers
+    process.wait(timeout=30)
+    saved = registered_step(train_folder)
+    assert 0 < saved < 40, f"the run should have been killed part-way (checkpoints: {checkpoint_steps(train_folder)})"
+    assert not (root / "models" / "ddpm-flat" / "ddpm-1" / "config.json").exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-id", "ddpm-1"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    model = Location.parse(f"{file_root}/models/ddpm-flat/ddpm-1")
+    config = model.join("config.json").read_json()
+    info = config["info"]
+    assert info["steps"] == 40
+    assert saved <= info["resumed_from"] < 40, "must continue from its checkpoint, not from zero"
+    assert "resumed from the checkpoint" in rerun.stdout
+    digests = info["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], "DDP ranks must hold identical weights"
+    assert config["config"]["num_classes"] == 2 and info["class_names"] == ["a", "b"]
+    assert config["config"]["learned_variance"] is True
+
+    logged = [h for h in history(root, "ddpm-1") if "loss" in h]
+    assert [h["step"] for h in logged] == sorted({h["step"] for h in logged}), "no step logged twice"
+    assert logged[-1]["step"] == 40
+    assert np.mean([h["mse"] for h in logged[-3:]]) < 0.6 * np.mean([h["mse"] for h in logged[:2]]), \
+        "the noise-prediction loss should fall on a trivially learnable dataset"
+    assert any(h.get("event") == "resumed" for h in history(root, "ddpm-1"))
+
+    samples = datasets.read_table(Location.parse(f"{file_root}/datasets/flat-samples/ddpm-1"))
+    assert samples.num_rows == 4
+    assert sorted(samples.column("category").to_pylist()) == ["a", "a", "b", "b"]
+    for png in samples.column("image").to_pylist():
+        assert Image.open(io.BytesIO(png)).size == (16, 16)
+    synthesis = samples.column("synthesis").to_pylist()[0]
+    assert synthesis["method"] == "ddpm-sample" and synthesis["model_version"] == "ddpm-flat@ddpm-1"
+
+
+def ray_train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(
+        ray_session, tmp_path, s3_root):
+    images = flat_images(tmp_path / "images", 16)
+    spec = parse_spec(ddpm_pipeline(s3_root, images, steps=80, checkpoint_every=4, conditional=False,
+                                    learned_variance=False, samples=2))
+    train_folder = Location.parse(f"{s3_root}/runs/kill-worker/steps/train/ray-train/run")
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["run"] = run_job(spec, run_id="kill-worker", echo=quiet)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 400
+    killed = None
+    while time.monotonic() < deadline and thread.is_alive() and killed is None:
+        snapshot = train_folder.join("checkpoint_manager_snapshot.json")
+        registered = snapshot.exists() and (snapshot.read_json().get("latest_checkpoint_result") or {})
+        workers = ray_train_worker_pids()
+        if registered and workers:  # Ray Train has a checkpoint to restart the workers from
+            killed = workers[-1]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=500)
+    assert killed is not None, f"no worker to kill (outcome: {outcome})"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["run"].results["train"]
+    assert result.details["steps"] == 80
+    assert result.details["resumed_from"] >= 4, "the restarted workers should load the last checkpoint"
+
+
+def test_bad_ddpm_specs_exit_2_naming_the_field(tmp_path, file_root):
+    base = ddpm_pipeline(file_root, tmp_path, steps=4, checkpoint_every=2, conditional=False, learned_variance=False)
+
+    def broken(**changes) -> dict:
+        spec = json.loads(json.dumps(base))
+        for dotted, value in changes.items():
+            target = spec["steps"][1]
+            *parents, leaf = dotted.split("__")
+            for key in parents:
+                target = target[key]
+            target[leaf] = value
+        return spec
+
+    with pytest.raises(SpecError, match=r"ddpm\.image_size.*multiple of 2"):
+        parse_spec(broken(ddpm__image_size=15))
+    with pytest.raises(SpecError, match=r"resources\.workers"):
+        parse_spec(broken(resources__workers=0))
+    with pytest.raises(SpecError, match=r"ddpm\.num_classes"):
+        parse_spec(broken(ddpm__num_classes=3))
+    with pytest.raises(SpecError, match=r"training\.steps"):
+        parse_spec(broken(training__steps=0))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(broken(ddpm__image_size=15)))
+    cli = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(bad)], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert cli.returncode == 2 and "image_size" in cli.stderr, cli.stderr
+
+
+def test_training_on_a_missing_dataset_is_an_input_error(ray_session, file_root):
+    spec = {"kind": "train", "name": "ddpm-missing", "storage": {"root": file_root}, "method": "ddpm",
+            "inputs": {"dataset": f"{file_root}/datasets/nothing/1"}, "outputs": {"model": "m"},
+            "ddpm": TINY, "resources": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 2}}
+    with pytest.raises(InputError, match="nothing"):
+        run_job(parse_spec(spec), echo=quiet)
