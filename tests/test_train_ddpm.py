@@ -70,32 +70,29 @@ def ddpm_pipeline(root: str, images: Path, steps: int, checkpoint_every: int, co
     }
 
 
-def checkpoint_steps(train_folder: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in train_folder.glob("*/step-*/training_state.json"))
-
-
-def registered_step(train_folder: Path) -> int:
+def registered_step(train_folder: Location) -> int:
     """The checkpoint Ray Train has registered (and will restore): its manager's JSON snapshot."""
-    snapshot = train_folder / "run" / "checkpoint_manager_snapshot.json"
+    snapshot = train_folder.join("run", "checkpoint_manager_snapshot.json")
     if not snapshot.exists():
         return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    latest = snapshot.read_json().get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("step", 0))
 
 
-def history(root: Path, run_id: str) -> list[dict]:
-    path = root / "runs" / run_id / "steps" / "train" / "train_metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def history(root: str, run_id: str) -> list[dict]:
+    location = Location.parse(f"{root}/runs/{run_id}/steps/train/train_metrics.jsonl")
+    return [json.loads(line) for line in location.read_bytes().decode().splitlines()]
 
 
 def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_model_that_samples(
-        tmp_path, file_root):
+        tmp_path, s3_root):
+    """The issue's check: 2 workers on local Ray, checkpoints in the local S3 store, the run killed
+    and started again, continuing at its checkpoint; the exported model samples images."""
     images = flat_images(tmp_path / "images", 8, categories=("a", "b"))
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(ddpm_pipeline(file_root, images, steps=40, checkpoint_every=4,
+    spec.write_text(yaml.safe_dump(ddpm_pipeline(s3_root, images, steps=40, checkpoint_every=4,
                                                  conditional=True, learned_variance=True)))
-    root = Path(file_root[len("file://"):])
-    train_folder = root / "runs" / "ddpm-1" / "steps" / "train" / "ray-train"
+    train_folder = Location.parse(f"{s3_root}/runs/ddpm-1/steps/train/ray-train")
     env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-id", "ddpm-1"],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,13 +103,13 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
     os.killpg(process.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training workers
     process.wait(timeout=30)
     saved = registered_step(train_folder)
-    assert 0 < saved < 40, f"the run should have been killed part-way (checkpoints: {checkpoint_steps(train_folder)})"
-    assert not (root / "models" / "ddpm-flat" / "ddpm-1" / "config.json").exists()
+    assert 0 < saved < 40, f"the run should have been killed part-way (registered checkpoint: step {saved})"
+    assert not Location.parse(f"{s3_root}/models/ddpm-flat/ddpm-1/config.json").exists()
 
     rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-id", "ddpm-1"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    model = Location.parse(f"{file_root}/models/ddpm-flat/ddpm-1")
+    model = Location.parse(f"{s3_root}/models/ddpm-flat/ddpm-1")
     config = model.join("config.json").read_json()
     info = config["info"]
     assert info["steps"] == 40
@@ -123,14 +120,14 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
     assert config["config"]["num_classes"] == 2 and info["class_names"] == ["a", "b"]
     assert config["config"]["learned_variance"] is True
 
-    logged = [h for h in history(root, "ddpm-1") if "loss" in h]
+    logged = [h for h in history(s3_root, "ddpm-1") if "loss" in h]
     assert [h["step"] for h in logged] == sorted({h["step"] for h in logged}), "no step logged twice"
     assert logged[-1]["step"] == 40
     assert np.mean([h["mse"] for h in logged[-3:]]) < 0.6 * np.mean([h["mse"] for h in logged[:2]]), \
         "the noise-prediction loss should fall on a trivially learnable dataset"
-    assert any(h.get("event") == "resumed" for h in history(root, "ddpm-1"))
+    assert any(h.get("event") == "resumed" for h in history(s3_root, "ddpm-1"))
 
-    samples = datasets.read_table(Location.parse(f"{file_root}/datasets/flat-samples/ddpm-1"))
+    samples = datasets.read_table(Location.parse(f"{s3_root}/datasets/flat-samples/ddpm-1"))
     assert samples.num_rows == 4
     assert sorted(samples.column("category").to_pylist()) == ["a", "a", "b", "b"]
     for png in samples.column("image").to_pylist():
@@ -154,9 +151,9 @@ def ray_train_worker_pids() -> list[int]:
 def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(
         ray_session, tmp_path, s3_root):
     images = flat_images(tmp_path / "images", 16)
-    spec = parse_spec(ddpm_pipeline(s3_root, images, steps=80, checkpoint_every=4, conditional=False,
+    spec = parse_spec(ddpm_pipeline(s3_root, images, steps=40, checkpoint_every=4, conditional=False,
                                     learned_variance=False, samples=2))
-    train_folder = Location.parse(f"{s3_root}/runs/kill-worker/steps/train/ray-train/run")
+    train_folder = Location.parse(f"{s3_root}/runs/kill-worker/steps/train/ray-train")
     outcome: dict = {}
 
     def train() -> None:
@@ -170,8 +167,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     deadline = time.monotonic() + 400
     killed = None
     while time.monotonic() < deadline and thread.is_alive() and killed is None:
-        snapshot = train_folder.join("checkpoint_manager_snapshot.json")
-        registered = snapshot.exists() and (snapshot.read_json().get("latest_checkpoint_result") or {})
+        registered = registered_step(train_folder) > 0
         workers = ray_train_worker_pids()
         if registered and workers:  # Ray Train has a checkpoint to restart the workers from
             killed = workers[-1]
@@ -181,7 +177,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     assert killed is not None, f"no worker to kill (outcome: {outcome})"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["run"].results["train"]
-    assert result.details["steps"] == 80
+    assert result.details["steps"] == 40
     assert result.details["resumed_from"] >= 4, "the restarted workers should load the last checkpoint"
 
 
@@ -219,3 +215,16 @@ def test_training_on_a_missing_dataset_is_an_input_error(ray_session, file_root)
             "ddpm": TINY, "resources": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 2}}
     with pytest.raises(InputError, match="nothing"):
         run_job(parse_spec(spec), echo=quiet)
+
+
+def test_the_small_cpu_job_spec_runs_end_to_end(ray_session, s3_root):
+    """jobs/train-ddpm-small.yaml as users run it (ELPV -> DDPM on 2 workers -> samples), on the
+    test's S3 prefix."""
+    spec = yaml.safe_load((REPO / "jobs" / "train-ddpm-small.yaml").read_text())
+    spec["storage"]["root"] = s3_root
+    outcome = run_job(parse_spec(spec), run_id="small-1", echo=quiet)
+    samples = datasets.read_table(Location.parse(outcome.results["sample"].output))
+    assert samples.num_rows == 16
+    assert {Image.open(io.BytesIO(png)).size for png in samples.column("image").to_pylist()} == {(32, 32)}
+    info = Location.parse(outcome.results["train-ddpm"].output).join("config.json").read_json()["info"]
+    assert info["steps"] == 150 and info["class_names"] == ["mono"]

@@ -156,11 +156,15 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     skipped, window_images, window_steps, window_started = 0, 0, 0, time.monotonic()
     sums: dict[str, float] = {}
+    # Where a window's time goes: computing steps, or waiting for the next batch (data-bound).
+    compute_seconds = wait_seconds = 0.0
     previous = None
     while state.step < training.steps:
         batches = 0
+        waiting_since = time.monotonic()
         for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=True,
                                         prefetch_batches=2):
+            wait_seconds += time.monotonic() - waiting_since
             if state.step >= training.steps:
                 break
             batches += 1
@@ -176,7 +180,9 @@ def train_loop(config: dict[str, Any]) -> None:
                       if conditional else None)
             generator = torch.Generator(device=device).manual_seed(
                 training.seed * 1_000_003 + state.step * 1009 + rank)
+            computing_since = time.monotonic()
             step_metrics = state.train_step(images, labels, generator, autocast_dtype=autocast)
+            compute_seconds += time.monotonic() - computing_since
             window_images += len(images) * world  # every rank trains on as many rows
             window_steps += 1
             for key, value in step_metrics.items():
@@ -187,8 +193,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 # Means over the steps since the last report; images/s of the whole job (all ranks).
                 seconds = time.monotonic() - window_started
                 metrics = {"step": state.step, **{k: round(v / window_steps, 6) for k, v in sums.items()},
-                           "lr": step_metrics["lr"], "images_per_second": round(window_images / max(seconds, 1e-9), 3)}
+                           "lr": step_metrics["lr"], "images_per_second": round(window_images / max(seconds, 1e-9), 3),
+                           "compute_fraction": round(compute_seconds / max(seconds, 1e-9), 3),
+                           "data_wait_fraction": round(wait_seconds / max(seconds, 1e-9), 3)}
                 sums, window_images, window_steps, window_started = {}, 0, 0, time.monotonic()
+                compute_seconds = wait_seconds = 0.0
                 if last_step:  # collective: every rank gets here at the same step
                     metrics.update(_final_check(state, world, skipped, resumed_from))
                 if checkpoint_now:
@@ -201,6 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if log_location is not None:
                     history.append(metrics)
                     log_location.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode())
+            waiting_since = time.monotonic()
         if batches == 0:
             raise RuntimeError("the training data stream is empty")
 
