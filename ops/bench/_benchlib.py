@@ -578,14 +578,12 @@ def wait_until_quiet(max_wait: float, busy_limit: float = 0.15, window: float = 
 
 
 def starvation_problem(workers: int, cpus_per_worker: float) -> str | None:
-    """Why this scorer pool would hang the score stage on this machine, or None.
+    """The score stage's own refusal (`check_room_for_decoding`), checked before the minutes of
+    set-up: scorer actors holding every CPU would leave none for the decode tasks."""
+    from pipelines.stages.image_batches import DECODE_CPUS
 
-    The stage's scorer actors reserve `cpus_per_worker` logical CPUs each for their lifetime and
-    its decode tasks need 0.5 CPU each; when the actors hold (nearly) every CPU the decode tasks
-    are never scheduled and the step waits forever (seen with 2 x 1 CPU on 2 cores)."""
     cores = os.cpu_count() or 1
-    if workers * cpus_per_worker > cores - 0.5:
-        return (f"{workers} scorer actor(s) x {cpus_per_worker:g} CPU leave less than the 0.5 CPU a decode task "
-                f"needs on this {cores}-CPU Ray: the score stage would wait forever (its decode tasks are "
-                "never scheduled). Use fewer workers/CPUs, or --force to run it anyway.")
+    if workers * cpus_per_worker + DECODE_CPUS > cores:
+        return (f"{workers} scorer actor(s) x {cpus_per_worker:g} CPU leave less than the {DECODE_CPUS:g} CPU a "
+                f"decode task needs on this {cores}-CPU Ray; the score stage would refuse it (exit 2)")
     return None

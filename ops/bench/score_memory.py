@@ -96,13 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.2, help="sampling interval in seconds (default 0.2)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each measurement wait up to this long for other processes to calm down")
-    parser.add_argument("--force", action="store_true",
-                        help="run even when the scorer pool would starve the decode tasks (the step hangs)")
     parser.add_argument("--ray-logs", action="store_true", help="show Ray worker logs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary S3 data folder")
     args = parser.parse_args(argv)
     problem = bench.starvation_problem(args.workers, args.cpus_per_worker)
-    if problem and not args.force:
+    if problem:
         parser.error(problem)
     large = args.images * args.factor
     if not 0 < args.images or large > 2624:

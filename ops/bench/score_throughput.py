@@ -236,13 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy record the scorer actor during the step")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each measurement wait up to this long for other processes to calm down")
-    parser.add_argument("--force", action="store_true",
-                        help="run even when the scorer pool would starve the decode tasks (the step hangs)")
     parser.add_argument("--ray-logs", action="store_true", help="show Ray worker logs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary S3 data folder")
     args = parser.parse_args(argv)
     problem = bench.starvation_problem(args.workers, args.cpus_per_worker)
-    if problem and not args.force:
+    if problem:
         parser.error(problem)
     if not 0 < args.images <= 2624:
         parser.error("--images must be in 1..2624 (the ELPV dataset)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -118,3 +119,38 @@ def decoded_images(selections: list[PartSelection], image_size: int, max_pixels:
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         decode_parts, fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels},
         batch_size=1, num_cpus=DECODE_CPUS)
+
+
+def cap_queued_images(stream: ray.data.Dataset, selections: list[PartSelection], image_size: int) -> ray.data.Dataset:
+    """Bound the decoded images waiting in Ray's object store for the model actors.
+
+    Decoding is much faster than a model, so without a cap the decode tasks run ahead and the
+    queue grows with the archive until the object store is full (peak memory then depends on the
+    archive's size). The cap: a few input parts' worth of decoded pixels, at least 256 MiB.
+    """
+    largest_part = max((len(s.rows) for s in selections), default=1)
+    cap = max(256 * 2**20, 3 * largest_part * image_size * image_size * 3)
+    options = stream.context.execution_options  # this dataset's own copy of the context
+    options.resource_limits = options.resource_limits.copy(object_store_memory=cap)
+    return stream
+
+
+def write_parts_as_completed(stream: ray.data.Dataset, expected: dict[int, int],
+                             build_table: Callable[[list[dict[str, Any]]], pa.Table], folder: Location,
+                             fingerprints: dict[int, str]) -> dict[int, datasets.PartRecord]:
+    """Collect a stream's rows by their input part (`_part`) and write output part N as soon as
+    all `expected[N]` rows of input part N have arrived: deterministic names, one part per input
+    part, memory bounded by the parts in flight. Returns the records of the parts written."""
+    from collections import defaultdict
+
+    records: dict[int, datasets.PartRecord] = {}
+    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["_part"])):
+            part = int(batch["_part"][i])
+            pending[part].append({k: v[i] for k, v in batch.items()})
+            if len(pending[part]) == expected[part]:
+                records[part] = datasets.write_part(folder, part, build_table(pending.pop(part)), fingerprints[part])
+    if pending:
+        raise RuntimeError(f"the stream ended with incomplete parts {sorted(pending)}")
+    return records

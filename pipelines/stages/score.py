@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +28,8 @@ from pipelines.models.registry import ModelCard, TrainedDetector
 from pipelines.errors import InputError
 from pipelines.spec import DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_name
 from pipelines.stages.base import StageKind, StepContext, StepResult
-from pipelines.stages.image_batches import check_room_for_decoding, decoded_images, select_rows
+from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
+                                             select_rows, write_parts_as_completed)
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -170,17 +170,12 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
             batch_size=resources.batch_size, num_cpus=resources.cpus_per_worker,
             num_gpus=resources.gpus_per_worker or None,
             compute=ray.data.ActorPoolStrategy(size=resources.workers))
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(batch["image_id"])):
-                part = int(batch["_part"][i])
-                pending[part].append({k: v[i] for k, v in batch.items()})
-                if len(pending[part]) == expected[part]:
-                    table = _part_table(pending.pop(part), model_name, context.run_id, scored_at)
-                    records[part] = datasets.write_part(folder, part, table, fingerprints[part])
-                    scored += table.num_rows
-        if pending:
-            raise RuntimeError(f"scoring ended with incomplete parts {sorted(pending)}")
+        stream = cap_queued_images(stream, todo, card.image_size)
+        written = write_parts_as_completed(
+            stream, expected, lambda rows: _part_table(rows, model_name, context.run_id, scored_at), folder,
+            fingerprints)
+        records.update(written)
+        scored = sum(r.rows for r in written.values())
 
     ordered = [records[s.part] for s in selections]
     error_rows, predicted = _count_outcomes(folder, ordered)
