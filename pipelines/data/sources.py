@@ -16,6 +16,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from pipelines.errors import InputError
 from pipelines.storage import Location
@@ -144,3 +145,23 @@ def list_elpv(root: Location | None, categories: tuple[str, ...] | None,
             defect_probability=probability,
         ))
     return items
+
+
+# Texture-like images that scikit-image ships inside its wheel (no download): a small, real texture
+# set for synthesizing anomalies offline. Others of its bundled images can be named too.
+SKIMAGE_TEXTURES = ("brick", "grass", "gravel", "moon", "coffee", "hubble_deep_field", "rocket")
+
+
+def list_skimage(names: tuple[str, ...] | None) -> list[SourceItem]:
+    """Images bundled with scikit-image, by name (unlabelled: label null, split train)."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    available = {p.stem: p for p in folder.iterdir() if p.suffix in (".png", ".jpg")}
+    names = names or SKIMAGE_TEXTURES
+    missing = sorted(set(names) - set(available))
+    if missing:
+        raise InputError(f"scikit-image does not bundle {missing}; it has {sorted(available)}")
+    return [SourceItem(image_id=f"skimage/{available[name].name}",
+                       location=Location.parse(f"file://{available[name]}"), category="texture",
+                       split="train", label=None) for name in names]

@@ -21,7 +21,7 @@ import ray.data
 from pipelines import datasets
 from pipelines.data.image_rows import build_image_rows
 from pipelines.data.images import DEFAULT_MAX_PIXELS
-from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec
+from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec, list_skimage
 from pipelines.errors import InputError, SpecError
 from pipelines.spec import DatasetOutputSpec, ResourcesSpec, StepSpec, check_positive, normalize_uri
 from pipelines.stages.base import StageKind, StepContext, StepResult
@@ -68,8 +68,16 @@ class ELPVSource:
 
 
 @dataclass(frozen=True)
+class SkimageSource:
+    """Images bundled with scikit-image (default: its textures), e.g. as anomaly texture sources."""
+
+    type: Literal["skimage"]
+    images: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class IngestParams:
-    source: MVTecSource | FolderSource | ELPVSource
+    source: MVTecSource | FolderSource | ELPVSource | SkimageSource
     outputs: DatasetOutputSpec
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     resources: ResourcesSpec = ResourcesSpec()
@@ -79,7 +87,10 @@ class IngestParams:
         return self
 
 
-def list_source(source: MVTecSource | FolderSource | ELPVSource, settings: S3Settings) -> list[SourceItem]:
+def list_source(source: MVTecSource | FolderSource | ELPVSource | SkimageSource,
+                settings: S3Settings) -> list[SourceItem]:
+    if isinstance(source, SkimageSource):
+        return list_skimage(source.images)
     if isinstance(source, MVTecSource):
         return list_mvtec(Location.parse(source.uri, settings), source.categories)
     if isinstance(source, FolderSource):

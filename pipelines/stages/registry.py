@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.stages import describe, evaluate, ingest, sample, score, train
+from pipelines.stages import describe, evaluate, ingest, sample, score, synthesize, train
 from pipelines.stages.base import StageKind, StepContext, StepResult
 
 
@@ -15,6 +15,7 @@ def _registry(*kinds: StageKind) -> dict[str, StageKind]:
     return registry
 
 
-STAGE_KINDS = _registry(ingest.KIND, describe.KIND, train.KIND, sample.KIND, score.KIND, evaluate.KIND)
+STAGE_KINDS = _registry(ingest.KIND, describe.KIND, train.KIND, sample.KIND, synthesize.KIND, score.KIND,
+                        evaluate.KIND)
 
 __all__ = ["STAGE_KINDS", "StageKind", "StepContext", "StepResult"]

@@ -9,7 +9,6 @@ training images is first held out to calibrate the decision threshold, then adde
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -22,6 +21,7 @@ import torch
 
 from pipelines import datasets
 from pipelines.data.images import DEFAULT_MAX_PIXELS
+from pipelines.data.sampling import in_fraction
 from pipelines.errors import InputError, SpecError
 from pipelines.models.backbones import BACKBONES
 from pipelines.models.ddpm import DdpmConfig, OptimConfig
@@ -107,8 +107,7 @@ class TrainParams:
 
 
 def held_out(image_id: str, seed: int, fraction: float) -> bool:
-    digest = hashlib.sha256(f"holdout:{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return in_fraction("holdout", seed, image_id, fraction)
 
 
 @ray.remote
@@ -173,6 +172,14 @@ def _decode_to_driver(selection, params: TrainParams) -> dict[str, np.ndarray]:
             "label": np.concatenate([b["label"] for b in batches])}
 
 
+def _synthesis_sources(params: TrainParams, context: StepContext) -> set[str]:
+    """Image ids that the validation dataset's synthetic rows were made from."""
+    folder = context.input_dataset(params.threshold.validation)
+    datasets.read_manifest(folder, table="images")
+    provenance = datasets.read_table(folder, columns=["synthesis"]).column("synthesis")
+    return {s["source_image_id"] for s in provenance.to_pylist() if s and s.get("source_image_id")}
+
+
 def _validation_images(params: TrainParams, context: StepContext) -> dict[str, np.ndarray]:
     folder = context.input_dataset(params.threshold.validation)
     manifest = datasets.read_manifest(folder, table="images")
@@ -207,8 +214,14 @@ def run_padim(params: TrainParams, context: StepContext) -> StepResult:
             mask = pc.and_(mask, pc.is_in(table["category"], pa.array(params.categories))).fill_null(False)
         return mask.to_numpy(zero_copy_only=False)
 
+    # The normal images synthetic validation anomalies were made from are held out too: a model
+    # that had fitted an anomaly's own source image would score it lower than an unseen normal, and
+    # the calibration would compare unlike with unlike. Like all held-out images they join the fit
+    # once the threshold is set.
+    sources = _synthesis_sources(params, context) if params.threshold.validation else set()
+
     def ids_hold(table: pa.Table) -> np.ndarray:
-        return np.array([held_out(i, seed, fraction) for i in table["image_id"].to_pylist()], bool)
+        return np.array([held_out(i, seed, fraction) or i in sources for i in table["image_id"].to_pylist()], bool)
 
     fit_rows, fit_table = select_rows(folder_in, manifest, lambda t: normal_train(t) & ~ids_hold(t))
     hold_rows, hold_table = select_rows(folder_in, manifest, lambda t: normal_train(t) & ids_hold(t))
