@@ -9,10 +9,11 @@ What is measured (one run, same machine, alternating, so the ratio is fair on a 
       scales 2**0..2**5 per axis, one mask per call; it has no batching) followed by `> 0.5`, timed
       in a separate virtual environment that has anomalib 2.7 (--anomalib-python), in a subprocess
       whose import time is not timed. Note that (b) does not rotate; (a) does.
-  Both: torch limited to --threads threads (default: all cores), on --device (cpu), one warm-up
-  call first, then (a) and (b) alternate --repeats times; the medians are reported, by wall
-  clock and by the process's CPU time (steadier when other work shares the cores; with more than
-  one thread an oversubscribed machine inflates both, --threads 1 is the steadiest comparison).
+  Both: torch limited to --threads threads, on --device (cpu), one warm-up call first, then (a)
+  and (b) alternate --repeats times; the medians are reported, by wall clock and by the process's
+  CPU time. --threads defaults to 1: synthesis runs in Ray tasks of one CPU (Ray sets
+  OMP_NUM_THREADS to a task's CPUs), and on a small shared machine more threads than free cores
+  make both sides erratic (OpenMP threads wait at every parallel region for a descheduled peer).
   ratio = (a) masks/s / (b) masks/s by wall clock (goal >= 10); the CPU-time ratio is printed too.
 
 anomalib is not a dependency of adpipe. Create its environment once (about 6 GB with torch):
@@ -20,7 +21,7 @@ anomalib is not a dependency of adpipe. Create its environment once (about 6 GB 
     python3.11 -m venv /tmp/anomalib-venv
     /tmp/anomalib-venv/bin/pip install torch==2.14.1 "anomalib==2.7.*"
 
-    .venv/bin/python ops/bench/perlin_masks.py [--masks 512] [--batch-size 64] [--size 256] [--threads N]
+    .venv/bin/python ops/bench/perlin_masks.py [--masks 512] [--batch-size 64] [--size 256] [--threads 1]
                      [--repeats 3] [--device cpu] [--anomalib-python /tmp/anomalib-venv/bin/python]
 """
 
@@ -113,7 +114,7 @@ def main() -> int:
     parser.add_argument("--masks", type=int, default=512, help="masks per timed run (both sides)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--anomalib-python", default="/tmp/anomalib-venv/bin/python")

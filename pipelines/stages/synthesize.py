@@ -427,6 +427,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                      + ", ".join(f"{s['image_id']} ({s['error']})" for s in failed[:5]))
     return StepResult(output=folder.uri, rows=published.rows, rejected=len(failed),
                       details={"synthetic": summary["synthetic"], "per_source": summary["per_source"],
+                               "reused_parts": len(selections) - len(todo),
                                "images_per_second": round(summary["synthetic"] / seconds, 2)},
                       summary=tuple(lines))
 

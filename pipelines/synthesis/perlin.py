@@ -9,8 +9,9 @@ A mask is drawn in four steps (METHODS.md section 4, RealNet's "Perlin masks"):
    `sqrt(2)` so that its range is [-1, 1] (the convention of DRAEM's, RealNet's and anomalib's code,
    so that `threshold: 0.5` means what it means there);
 3. rotation: the noise image is rotated about its centre by an angle drawn from
-   `U(-max_rotation, max_rotation)` degrees (bilinear, `affine_grid` + `grid_sample`; what comes
-   from outside the image is 0, i.e. below any threshold in (0, 1));
+   `U(-max_rotation, max_rotation)` degrees (bilinear `grid_sample` on the rotated sampling grid,
+   the grid `affine_grid` would give, built more cheaply; what comes from outside the image is 0,
+   i.e. below any threshold in (0, 1)); `max_rotation: 0` skips this step;
 4. mask: `noise > threshold`, intersected with the object's foreground when one is given.
 
 Masks that come out empty are drawn again (only those, as a batch) up to `max_rounds` times.
@@ -22,11 +23,12 @@ How the noise is computed. Pixel `i` of an axis of length `L` with `r` lattice c
     n(y, x) = sqrt(2) * sum_{j,i} ( a_j(y) g^x_{j,i} b_i(x) + b_j(y) g^y_{j,i} a_i(x) )
 
 with the interpolation weights `a` (`1 - fade(f)` on the cell's left corner, `fade(f)` on its right
-one) and the weights times the displacement `b` (`(1 - fade(f)) f` and `fade(f) (f - 1)`), so a batch
-of noise images is two small matrix products per image (`(H, 2P) @ (2P, W)` after `(P, P) @ (P, W)`),
-with no gathers. Masks of different lattice sizes share one batch: each image's gradients sit in
-the top-left corner of a `(P, P)` lattice, P = 2**max + 1, and the weights of the unused lattice
-points are zero.
+one) and the weights times the displacement `b` (`(1 - fade(f)) f` and `fade(f) (f - 1)`), so a noise
+image is matrix products, with no per-pixel gathers: `[a_y G_x | b_y G_y]` (H, 2px) times
+`[b_x ; a_x]^T` (2px, W). Images with the same number of x cells share the right factor, so after
+sorting a batch by it each group is one large GEMM written straight into the output. Masks of
+different lattice sizes share one batch: each image's gradients sit in the top-left corner of a
+`(P, P)` lattice, P = 2**max + 1, and the weights of the unused lattice points are zero.
 
 All randomness comes from the `torch.Generator` passed in, on its device (CPU or GPU): the same
 seed gives the same masks. Per round of `n` masks the draws are, in this order: the exponents
@@ -46,7 +48,11 @@ from pipelines.errors import InputError, SpecError
 
 # More lattice cells than this per axis is white noise at any image size adpipe handles.
 MAX_SCALE_EXPONENT = 10
-CHUNK_PIXELS = 2**20  # images are processed in pieces of about this many pixels
+# Work in pieces of about this many pixels (float32: 4 MB of noise, 1 MB + a 2 MB grid to rotate):
+# buffers that stay in the allocator's reuse range, and rotation working sets near the L2 cache size,
+# instead of tens of MB per batch freshly page-faulted in and streamed through memory.
+NOISE_CHUNK_PIXELS = 2**20
+ROTATE_CHUNK_PIXELS = 2**18
 
 
 @dataclass(frozen=True)
@@ -203,10 +209,8 @@ def _rotate(noise: Tensor, angles: Tensor, planes: Tensor) -> Tensor:
     return rotated[:, 0]
 
 
-def _chunk(height: int, width: int) -> int:
-    """Images per chunk: work in pieces of about a million pixels (4 MB of float32), so that the
-    buffers stay in the allocator's reuse range instead of being freshly page-faulted per batch."""
-    return max(1, CHUNK_PIXELS // (height * width))
+def _chunk(height: int, width: int, pixels: int) -> int:
+    return max(1, pixels // (height * width))
 
 
 def rotate_noise(noise: Tensor, angles: Tensor) -> Tensor:
@@ -215,7 +219,7 @@ def rotate_noise(noise: Tensor, angles: Tensor) -> Tensor:
     if noise.ndim != 3 or angles.shape != noise.shape[:1]:
         raise ValueError(f"noise must be (B, H, W) and angles (B,), got {tuple(noise.shape)}, {tuple(angles.shape)}")
     count, height, width = noise.shape
-    chunk = min(count, _chunk(height, width))
+    chunk = min(count, _chunk(height, width, ROTATE_CHUNK_PIXELS))
     planes = noise.new_empty(2, chunk, height, width)
     rotated = torch.empty_like(noise)
     for start in range(0, count, chunk):
@@ -242,14 +246,19 @@ def _draw_round(count: int, size: int, generator: torch.Generator, config: Perli
     sorted_gradients = gradients[order, :used, :used]
     cells_y, cells_x, sorted_angles = cells[order, 0], cells[order, 1], angles[order]
     masks = torch.empty(count, size, size, dtype=torch.bool, device=device)
-    chunk = min(count, _chunk(size, size))
-    planes = torch.empty(2, chunk, size, size, device=device) if config.max_rotation > 0 else None
+    chunk = min(count, _chunk(size, size, NOISE_CHUNK_PIXELS))
+    step = min(chunk, _chunk(size, size, ROTATE_CHUNK_PIXELS))
+    planes = torch.empty(2, step, size, size, device=device) if config.max_rotation > 0 else None
     for start in range(0, count, chunk):
         part = slice(start, start + chunk)
         noise = _noise(sorted_gradients[part], cells_y[part], cells_x[part], (size, size))
-        if planes is not None:
-            noise = _rotate(noise, sorted_angles[part], planes)
-        masks[order[part]] = noise > config.threshold
+        if planes is None:
+            masks[order[part]] = noise > config.threshold
+            continue
+        for first in range(start, min(start + chunk, count), step):
+            piece = slice(first, min(first + step, start + chunk, count))
+            rotated = _rotate(noise[piece.start - start : piece.stop - start], sorted_angles[piece], planes)
+            masks[order[piece]] = rotated > config.threshold
     return masks, exponents, angles, gradients
 
 
@@ -268,7 +277,8 @@ def draw_perlin_masks(count: int, size: int, generator: torch.Generator, config:
     foreground: optional (count, size, size) bool; each mask is intersected with its own. A mask
     that comes out empty is drawn again (all of them at once, as a batch) for up to `max_rounds`
     rounds; after that `InputError` (a foreground too small for the threshold). An all-False
-    foreground is refused at once.
+    foreground is refused at once (`InputError`). The config is validated against `size`
+    (`SpecError` naming `perlin.<field>`); stages validate their spec earlier, with its own path.
     """
     config.validate("perlin", image_size=size)
     if count < 0 or size < 1 or max_rounds < 1:
