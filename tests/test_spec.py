@@ -103,9 +103,12 @@ def test_demo_spec_parses():
     assert spec.storage == StorageSpec(root="s3://adpipe-demo")
     assert spec.ray == RaySpec(address="local")
     assert [(s.name, s.kind) for s in spec.steps] == [
-        ("ingest-elpv", "ingest"), ("describe-elpv", "describe"), ("fit-padim", "train"),
-        ("score-test", "score"), ("evaluate-test", "evaluate")]
+        ("ingest-elpv", "ingest"), ("describe-elpv", "describe"), ("ingest-textures", "ingest"),
+        ("synthesize-anomalies", "synthesize"), ("fit-padim", "train"), ("score-test", "score"),
+        ("evaluate-test", "evaluate")]
     assert spec.step("score-test").params.model.step_reference == "fit-padim"
+    assert spec.step("fit-padim").params.threshold.validation.step_reference == "synthesize-anomalies"
+    assert spec.step("synthesize-anomalies").params.sources[0].textures.step_reference == "ingest-textures"
     assert spec.step("evaluate-test").params.inputs.step_reference == "score-test"
     ingest = spec.step("ingest-elpv").params
     assert ingest.source == ELPVSource(type="elpv", normal_train_fraction=0.6, split_seed=0)

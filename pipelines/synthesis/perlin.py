@@ -48,10 +48,10 @@ from pipelines.errors import InputError, SpecError
 
 # More lattice cells than this per axis is white noise at any image size adpipe handles.
 MAX_SCALE_EXPONENT = 10
-# Work in pieces of about this many pixels (float32: 4 MB of noise, 1 MB + a 2 MB grid to rotate):
+# Work in pieces of about this many pixels (float32: 2 MB of noise, 1 MB + a 2 MB grid to rotate):
 # buffers that stay in the allocator's reuse range, and rotation working sets near the L2 cache size,
 # instead of tens of MB per batch freshly page-faulted in and streamed through memory.
-NOISE_CHUNK_PIXELS = 2**20
+NOISE_CHUNK_PIXELS = 2**19
 ROTATE_CHUNK_PIXELS = 2**18
 
 
@@ -134,33 +134,49 @@ def _axis_weights(cells: Tensor, length: int, lattice: int, dtype: torch.dtype) 
     return a, b
 
 
-def _noise(gradients: Tensor, cells_y: Tensor, cells_x: Tensor, shape: tuple[int, int]) -> Tensor:
+def _noise(gradients: Tensor, cells_y: Tensor, cells_x: Tensor, shape: tuple[int, int],
+           out: Tensor | None = None) -> Tensor:
     """(n, Py, Px, 2) gradients, per-image lattice cells (n,) -> (n, H, W) noise in [-1, 1].
 
     `cells_x` must be non-decreasing: images with the same number of x cells then form one
-    contiguous group that shares the x weights, and the group's noise is one matrix product
-    `(g * H, 2 px) @ (2 px, W)` (one large GEMM rather than g small ones) written straight into
-    its slice of the output, after the small per-image products `a_y @ G_x` and `b_y @ G_y`.
+    contiguous group that shares the x weights. Per group, after the small per-image products
+    `m_x = a_y @ G_x` and `m_y = b_y @ G_y` (H x px each), the noise is one GEMM written straight
+    into the group's slice of the output (`out` if given, contiguous (n, H, W)):
+
+    - W divisible by the x cells (cell width w): the x weights repeat in every cell, so
+      `noise[y, c w + t] = [m_x[y, c], m_x[y, c+1], m_y[y, c], m_y[y, c+1]] . K[:, t]` is a
+      `(g H cells, 4) @ (4, w)` product;
+    - otherwise `[m_x | m_y] @ [b_x ; a_x]^T`, a `(g H, 2 px) @ (2 px, W)` product.
     """
     height, width = shape
     count = gradients.shape[0]
-    noise = torch.empty(count, height, width, dtype=gradients.dtype, device=gradients.device)
-    a_y, b_y = _axis_weights(cells_y, height, gradients.shape[1], gradients.dtype)
+    dtype, device = gradients.dtype, gradients.device
+    noise = torch.empty(count, height, width, dtype=dtype, device=device) if out is None else out
+    a_y, b_y = _axis_weights(cells_y, height, gradients.shape[1], dtype)
     values, counts = torch.unique_consecutive(cells_x, return_counts=True)
     if count and not bool((values[1:] > values[:-1]).all()):
         raise ValueError("cells_x must be sorted")
+    root2 = math.sqrt(2.0)
     start = 0
     for cells, group in zip(values.tolist(), counts.tolist(), strict=True):
         stop = start + group
         px = cells + 1
         py = int(cells_y[start:stop].max()) + 1
         grads = gradients[start:stop, :py, :px]
-        left = torch.cat((a_y[start:stop, :, :py] @ grads[..., 0],
-                          b_y[start:stop, :, :py] @ grads[..., 1]), dim=2)  # (g, H, 2px)
-        a_x, b_x = _axis_weights(values.new_full((1,), cells), width, px, gradients.dtype)
-        # (2px, W), times sqrt(2): the gradients' x components pair with the x displacements.
-        right = torch.cat((b_x[0].T, a_x[0].T), dim=0).mul_(math.sqrt(2.0))
-        torch.mm(left.view(-1, 2 * px), right, out=noise[start:stop].view(-1, width))
+        m_x = a_y[start:stop, :, :py] @ grads[..., 0]  # (g, H, px): the x components meet the x displacements
+        m_y = b_y[start:stop, :, :py] @ grads[..., 1]
+        target = noise[start:stop]
+        if width % cells == 0:
+            cell_width = width // cells
+            frac = torch.arange(cell_width, device=device, dtype=dtype) / cell_width
+            fade = _fade(frac)
+            kernel = torch.stack(((1 - fade) * frac, fade * (frac - 1), 1 - fade, fade)).mul_(root2)  # (4, w)
+            corners = torch.stack((m_x[..., :-1], m_x[..., 1:], m_y[..., :-1], m_y[..., 1:]), dim=-1)
+            torch.mm(corners.view(-1, 4), kernel, out=target.view(-1, cell_width))
+        else:
+            a_x, b_x = _axis_weights(values.new_full((1,), cells), width, px, dtype)
+            right = torch.cat((b_x[0].T, a_x[0].T), dim=0).mul_(root2)  # (2px, W)
+            torch.mm(torch.cat((m_x, m_y), dim=2).view(-1, 2 * px), right, out=target.view(-1, width))
         start = stop
     return noise
 
@@ -249,9 +265,11 @@ def _draw_round(count: int, size: int, generator: torch.Generator, config: Perli
     chunk = min(count, _chunk(size, size, NOISE_CHUNK_PIXELS))
     step = min(chunk, _chunk(size, size, ROTATE_CHUNK_PIXELS))
     planes = torch.empty(2, step, size, size, device=device) if config.max_rotation > 0 else None
+    buffer = torch.empty(chunk, size, size, device=device)  # one noise buffer for all the chunks
     for start in range(0, count, chunk):
         part = slice(start, start + chunk)
-        noise = _noise(sorted_gradients[part], cells_y[part], cells_x[part], (size, size))
+        noise = _noise(sorted_gradients[part], cells_y[part], cells_x[part], (size, size),
+                       out=buffer[: min(chunk, count - start)])
         if planes is None:
             masks[order[part]] = noise > config.threshold
             continue
