@@ -135,6 +135,27 @@ def cap_queued_images(stream: ray.data.Dataset, selections: list[PartSelection],
     return stream
 
 
+def finished_parts(folder: Location, selections: list[PartSelection], fingerprints: dict[int, str],
+                   schema: pa.Schema) -> dict[int, datasets.PartRecord]:
+    """Output parts already done: those an earlier attempt finished from the same input (same
+    fingerprint), plus an empty part for each input part with no selected rows (it keeps the
+    numbering whole). The rest is the work to do."""
+    records = {}
+    for selection in selections:
+        done = datasets.completed_part(folder, selection.part, fingerprints[selection.part])
+        if done is not None:
+            records[selection.part] = done
+        elif not selection.rows:
+            records[selection.part] = datasets.write_part(folder, selection.part, schema.empty_table(),
+                                                          fingerprints[selection.part])
+    return records
+
+
+def null_if_nan(value: Any) -> float | None:
+    """Ray Data turns a None in an object column into NaN (and scores may be NaN); tables want null."""
+    return None if value is None or np.isnan(float(value)) else float(value)
+
+
 def write_parts_as_completed(stream: ray.data.Dataset, expected: dict[int, int],
                              build_table: Callable[[list[dict[str, Any]]], pa.Table], folder: Location,
                              fingerprints: dict[int, str]) -> dict[int, datasets.PartRecord]:

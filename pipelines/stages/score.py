@@ -29,7 +29,7 @@ from pipelines.errors import InputError
 from pipelines.spec import DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_name
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
-                                             select_rows, write_parts_as_completed)
+                                             finished_parts, null_if_nan, select_rows, write_parts_as_completed)
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -98,21 +98,18 @@ class ScoreBatch:
 def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored_at: datetime.datetime) -> pa.Table:
     rows = sorted(rows, key=lambda r: r["_row"])
 
-    def nullable(value: float) -> float | None:
-        return None if value is None or np.isnan(value) else float(value)
-
     columns = {
         "image_id": [r["image_id"] for r in rows],
         "category": [r["category"] for r in rows],
         "split": [r["split"] for r in rows],
         "label": [None if r["label"] < 0 else int(r["label"]) for r in rows],
         "model": [model_name] * len(rows),
-        "score": [nullable(r["score"]) for r in rows],
+        "score": [null_if_nan(r["score"]) for r in rows],
         "label_pred": [None if r["error"] else bool(r["score"] >= r["threshold"]) for r in rows],
-        "threshold": [nullable(r["threshold"]) for r in rows],
+        "threshold": [null_if_nan(r["threshold"]) for r in rows],
         "anomaly_map": [r["anomaly_map"] or None for r in rows],
-        "anomaly_map_min": [nullable(r["anomaly_map_min"]) for r in rows],
-        "anomaly_map_max": [nullable(r["anomaly_map_max"]) for r in rows],
+        "anomaly_map_min": [null_if_nan(r["anomaly_map_min"]) for r in rows],
+        "anomaly_map_max": [null_if_nan(r["anomaly_map_max"]) for r in rows],
         "error": [r["error"] or None for r in rows],
         "run_id": [run_id] * len(rows),
         "scored_at": [scored_at] * len(rows),
@@ -146,14 +143,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     fingerprints = {s.part: datasets.fingerprint([s.location.uri, s.rows, model_fingerprint,
                                                   params.outputs.anomaly_maps, params.max_image_pixels])
                     for s in selections}
-    records: dict[int, datasets.PartRecord] = {}
-    for selection in selections:
-        done = datasets.completed_part(folder, selection.part, fingerprints[selection.part])
-        if done is not None:
-            records[selection.part] = done
-        elif not selection.rows:  # nothing selected here: an empty part keeps the numbering whole
-            records[selection.part] = datasets.write_part(
-                folder, selection.part, SCORES_SCHEMA.empty_table(), fingerprints[selection.part])
+    records = finished_parts(folder, selections, fingerprints, SCORES_SCHEMA)
     reused = sum(1 for s in selections if s.rows and s.part in records)
     todo = [s for s in selections if s.part not in records]
     expected = {s.part: len(s.rows) for s in todo}

@@ -32,7 +32,7 @@ from pipelines.spec import (DatasetInputSpec, DatasetOutputSpec, ModelInputSpec,
                             check_positive)
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
-                                             select_rows, write_parts_as_completed)
+                                             finished_parts, null_if_nan, select_rows, write_parts_as_completed)
 from pipelines.storage import Location
 from pipelines.synthesis.perlin import PerlinConfig
 from pipelines.tables import IMAGES_SCHEMA
@@ -313,11 +313,6 @@ def _load_textures(folder: Location, size: int) -> list[np.ndarray]:
     return textures
 
 
-def _number(value: Any) -> float | None:
-    """Ray Data turns a None in an object column into NaN; the table wants a null."""
-    return None if value is None or np.isnan(float(value)) else float(value)
-
-
 def _part_table(rows: list[dict[str, Any]], params: SynthesizeParams, model_version: str | None) -> pa.Table:
     rows = sorted(rows, key=lambda r: (r["_row"], r["label"] if r["label"] is not None else -1, r["image_id"]))
     size = params.image_size
@@ -331,7 +326,7 @@ def _part_table(rows: list[dict[str, Any]], params: SynthesizeParams, model_vers
             "label": int(r["label"]), "defect_type": r["method"] if synthetic else None,
             "mask": r["mask"] if synthetic else None, "width": size, "height": size, "color_mode": "RGB",
             "source_uri": None,
-            "synthesis": {"method": r["method"], "strength": _number(r["strength"]), "opacity": _number(r["opacity"]),
+            "synthesis": {"method": r["method"], "strength": null_if_nan(r["strength"]), "opacity": null_if_nan(r["opacity"]),
                           "seed": r["seed"], "source_image_id": r["source_image_id"], "prompt": None,
                           "model_version": model_version if r["method"] == "sdas" else None} if synthetic else None,
         })
@@ -376,14 +371,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     spec_fingerprint = datasets.fingerprint([str(params), textures.uri if textures else None,
                                             sdas_model.uri if sdas_model else None])
     fingerprints = {s.part: datasets.fingerprint([s.location.uri, s.rows, spec_fingerprint]) for s in selections}
-    records: dict[int, datasets.PartRecord] = {}
-    for selection in selections:
-        done = datasets.completed_part(folder, selection.part, fingerprints[selection.part])
-        if done is not None:
-            records[selection.part] = done
-        elif not selection.rows:
-            records[selection.part] = datasets.write_part(folder, selection.part, IMAGES_SCHEMA.empty_table(),
-                                                          fingerprints[selection.part])
+    records = finished_parts(folder, selections, fingerprints, IMAGES_SCHEMA)
     todo = [s for s in selections if s.part not in records]
     per_row = params.per_image + int(params.include_normals)
     context.log("synthesizing", images=sum(len(s.rows) for s in todo), per_image=params.per_image,
