@@ -206,20 +206,18 @@ class SynthesizeBatch:
             samples, strength = self._sdas_samples(len(sdas_jobs), batch["category"][[j[0] for j in sdas_jobs]],
                                                    batch_seed)
             sdas_images = {(j[0], j[1]): s for j, s in zip(sdas_jobs, samples)}
-        foreground = None
+        wanted = params.foreground
         for index, copy, plan, seed in jobs:
-            category = batch["category"][index]
-            use_foreground = params.foreground is not None and (
-                params.foreground.categories is None or category in params.foreground.categories)
-            if use_foreground:
-                foreground = {"method": params.foreground.method, "invert": params.foreground.invert}
+            foreground = None
+            if wanted is not None and (wanted.categories is None or batch["category"][index] in wanted.categories):
+                foreground = {"method": wanted.method, "invert": wanted.invert}
             donor = None
             if plan.method == "poisson":  # another normal image of the pool (chosen by the row's seed)
                 ids, images = self.donors
                 others = [i for i, donor_id in enumerate(ids) if donor_id != batch["image_id"][index]] or [0]
                 donor = images[others[seed % len(others)]]
             result = synthesize_one(batch["pixels"][index], plan, seed, perlin=params.perlin,
-                                    foreground=foreground if use_foreground else None, textures=self.textures,
+                                    foreground=foreground, textures=self.textures,
                                     sdas_sample=sdas_images.get((index, copy)), sdas_strength=strength, donor=donor)
             self._emit(out, batch, index, f"{batch['image_id'][index]}#synth-{copy}", 1, result.image,
                        result.mask, result.method, result.opacity, result.strength, seed, result.coverage)
