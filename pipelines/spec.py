@@ -150,14 +150,23 @@ class DatasetOutputSpec:
 
     dataset: str
     version: str | None = None  # default: the run id, so a rerun of the same run lands in place
-    rows_per_part: int = 256
+    # Only for steps that cut new rows into parts (ingest, sample); steps that transform an input
+    # dataset (synthesize) write one output part per input part, and reject this field.
+    rows_per_part: int | None = None
+
+    DEFAULT_ROWS_PER_PART = 256
 
     def validate(self, path: str) -> DatasetOutputSpec:
         check_name(self.dataset, f"{path}.dataset")
         if self.version is not None:
             check_name(self.version, f"{path}.version")
-        check_positive(self.rows_per_part, f"{path}.rows_per_part")
+        if self.rows_per_part is not None:
+            check_positive(self.rows_per_part, f"{path}.rows_per_part")
         return self
+
+    @property
+    def part_rows(self) -> int:
+        return self.rows_per_part or self.DEFAULT_ROWS_PER_PART
 
 
 @dataclass(frozen=True)

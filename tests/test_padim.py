@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -43,6 +47,39 @@ def test_streamed_statistics_match_numpy_covariance():
     merged_mean, merged_inverse = halves.gaussian(epsilon)
     torch.testing.assert_close(merged_mean, mean)
     torch.testing.assert_close(merged_inverse, inverse, rtol=1e-4, atol=1e-4)
+
+
+def test_gaussian_with_many_channels_on_several_threads_matches_numpy():
+    # torch's batched LU inverse hangs in MKL above ~128 channels on more than one thread
+    # (pytorch/pytorch#141358); 176 = every channel of Lite0 stages 1-3. A child process with a
+    # timeout turns such a hang into a failure.
+    script = """
+import numpy as np, torch
+from pipelines.models.padim import PadimStatistics
+torch.set_num_threads(2)
+generator = torch.Generator().manual_seed(0)
+embeddings = torch.randn(200, 176, 4, 4, generator=generator) * torch.rand(176, 1, 1, generator=generator)
+statistics = PadimStatistics(176, 16)
+statistics.update(embeddings)
+mean, inverse = statistics.gaussian(0.01)
+samples = embeddings.numpy().reshape(200, 176, 16).astype(np.float64)
+for position in (0, 7, 15):
+    reference = np.linalg.inv(np.cov(samples[:, :, position], rowvar=False) + 0.01 * np.eye(176))
+    np.testing.assert_allclose(inverse[position].numpy(), reference, rtol=1e-4, atol=1e-3)
+print("ok")
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=Path(__file__).resolve().parents[1])
+    assert completed.returncode == 0 and "ok" in completed.stdout, completed.stderr[-2000:]
+
+
+def test_non_finite_features_are_named():
+    statistics = PadimStatistics(6, 9)
+    embeddings = random_embeddings(10)
+    embeddings[3, 2, 1, 1] = float("nan")
+    statistics.update(embeddings)
+    with pytest.raises(ValueError, match="not positive definite at 1 of 9 positions"):
+        statistics.gaussian(0.01)
 
 
 def test_too_few_images_is_refused():

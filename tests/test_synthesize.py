@@ -13,6 +13,7 @@ from skimage import data as skdata
 
 from imagefiles import write
 from pipelines import datasets
+from pipelines.errors import SpecError
 from pipelines.evaluation.metrics import auroc
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
@@ -62,11 +63,19 @@ def brick_dataset(ray_session, tmp_path_factory):
 
 def synthesize_spec(root: str, images: str, textures: str, **extra) -> dict:
     return {"kind": "synthesize", "name": "synth", "storage": {"root": root}, "inputs": {"dataset": images},
-            "outputs": {"dataset": "brick-anomalies", "rows_per_part": 64}, "image_size": 64, "per_image": 2,
+            "outputs": {"dataset": "brick-anomalies"}, "image_size": 64, "per_image": 2,
             "include_normals": True, "seed": 7,
             "sources": [{"type": "texture", "textures": {"dataset": textures}}, {"type": "cutpaste"},
                         {"type": "poisson"}],
             "resources": {"workers": 1, "batch_size": 8}, **extra}
+
+
+def test_rows_per_part_is_refused_since_output_parts_mirror_input_parts():
+    spec = synthesize_spec("file:///tmp/store", "file:///tmp/store/datasets/x/v", "file:///tmp/store/datasets/t/v")
+    spec["outputs"]["rows_per_part"] = 64
+    with pytest.raises(SpecError) as error:
+        parse_spec(spec)
+    assert "outputs.rows_per_part" in str(error.value) and "one input part" in str(error.value)
 
 
 def test_masks_match_changed_pixels_with_provenance_and_the_same_spec_gives_the_same_bytes(brick_dataset):

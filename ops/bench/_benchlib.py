@@ -63,6 +63,32 @@ def load_average() -> str:
         return "?"
 
 
+ANOMALIB_SETUP_HELP = """anomalib's environment was not found at {path}. Create it once (about 6 GB with torch):
+
+    python3.11 -m venv /tmp/anomalib-venv
+    /tmp/anomalib-venv/bin/pip install torch==2.14.1 "anomalib==2.7.*"
+
+or pass --anomalib-python PATH to a python that has anomalib 2.7."""
+
+
+def anomalib_version(python: str, needs: str) -> str | None:
+    """anomalib's version in the environment of `python` after running the import line `needs`, or
+    None (with the reason and the set-up help on stderr). anomalib is not a dependency of adpipe: the
+    comparisons with it run in a separate virtual environment, in subprocesses."""
+    import subprocess
+
+    if not Path(python).is_file():
+        print(ANOMALIB_SETUP_HELP.format(path=python), file=sys.stderr)
+        return None
+    probe = subprocess.run([python, "-c", f"import anomalib; {needs}; print(anomalib.__version__)"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        print(f"{python} cannot run {needs!r}:\n{probe.stderr[-2000:]}\n", file=sys.stderr)
+        print(ANOMALIB_SETUP_HELP.format(path=python), file=sys.stderr)
+        return None
+    return probe.stdout.strip().splitlines()[-1]
+
+
 def _sigterm_to_exit(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 

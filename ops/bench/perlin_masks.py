@@ -36,18 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _benchlib import anomalib_version  # noqa: E402  (also puts the repository on sys.path)
 
 GOAL = 10.0
-
-SETUP_HELP = """anomalib's environment was not found at {path}. Create it with:
-
-    python3.11 -m venv /tmp/anomalib-venv
-    /tmp/anomalib-venv/bin/pip install torch==2.14.1 "anomalib==2.7.*"
-
-or pass --anomalib-python PATH to a python that has anomalib 2.7."""
 
 # Runs in anomalib's environment: argv = threads size count device; prints one JSON line.
 ANOMALIB_TIMER = r"""
@@ -120,16 +113,9 @@ def main() -> int:
     parser.add_argument("--anomalib-python", default="/tmp/anomalib-venv/bin/python")
     args = parser.parse_args()
 
-    if not Path(args.anomalib_python).is_file():
-        print(SETUP_HELP.format(path=args.anomalib_python), file=sys.stderr)
-        return 2
-    probe = subprocess.run([args.anomalib_python, "-c",
-                            "import anomalib; from anomalib.data.utils.generators.perlin import generate_perlin_noise; "
-                            "print(anomalib.__version__)"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        print(f"{args.anomalib_python} cannot import anomalib's generate_perlin_noise:\n{probe.stderr[-2000:]}\n",
-              file=sys.stderr)
-        print(SETUP_HELP.format(path=args.anomalib_python), file=sys.stderr)
+    version = anomalib_version(args.anomalib_python,
+                               "from anomalib.data.utils.generators.perlin import generate_perlin_noise")
+    if version is None:
         return 2
 
     import torch
@@ -137,7 +123,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"Perlin masks {args.size}x{args.size}, {args.masks} masks per run, {args.repeats} alternating runs, "
           f"{args.threads} torch threads, device {args.device}; adpipe torch {torch.__version__}, "
-          f"anomalib {probe.stdout.strip()}", flush=True)
+          f"anomalib {version}", flush=True)
 
     ours, ours_cpu, ours_still, theirs, theirs_cpu = [], [], [], [], []
     info: dict = {}

@@ -63,9 +63,18 @@ class PadimStatistics:
         mean = self.sum / self.count
         covariance = (self.sum_outer - self.count * mean[:, :, None] * mean[:, None, :]) / (self.count - 1)
         covariance += epsilon * torch.eye(covariance.shape[-1], dtype=torch.float64)
-        # contiguous: linalg.inv returns column-major storage, and bmm's kernel (so the last bits
-        # of a score) depends on the layout; saved-and-reloaded tensors must compute the same.
-        return mean.float().contiguous(), torch.linalg.inv(covariance).float().contiguous()
+        # Cholesky, not torch.linalg.inv: a covariance + epsilon*I is symmetric positive definite,
+        # and the CPU's batched LU runs MKL's dgetrf on several threads at once for matrices above
+        # ~128 channels, which fails ("Parameter 6 was incorrect on entry to DLASWP") and hangs
+        # (pytorch/pytorch#141358). Non-finite features are what makes it fail here.
+        factor, info = torch.linalg.cholesky_ex(covariance)
+        if bool((info != 0).any()) or not bool(torch.isfinite(self.sum).all()):
+            bad = int(((info != 0) | ~torch.isfinite(self.sum).all(dim=1)).sum())
+            raise ValueError(f"PaDiM: the feature covariance is not positive definite at {bad} of "
+                             f"{covariance.shape[0]} positions (non-finite features?)")
+        # contiguous: the inverse comes back column-major, and bmm's kernel (so the last bits of a
+        # score) depends on the layout; saved-and-reloaded tensors must compute the same.
+        return mean.float().contiguous(), torch.cholesky_inverse(factor).float().contiguous()
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:

@@ -138,7 +138,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     if not items:
         raise InputError(f"the {params.source.type} source has no images")
     folder = context.dataset_folder(params.outputs)
-    size = params.outputs.rows_per_part
+    size = params.outputs.part_rows
     tasks = []
     for index, start in enumerate(range(0, len(items), size)):
         chunk = [_item_to_json(item) for item in items[start:start + size]]

@@ -95,7 +95,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         return class_names[0] if len(class_names) == 1 else None
 
     folder = context.dataset_folder(params.outputs)
-    per_part = params.outputs.rows_per_part
+    per_part = params.outputs.part_rows
     part_count = -(-params.count // per_part)
     model_version = f"{model_folder.parent().name}@{model_folder.name}"
     records: dict[int, datasets.PartRecord] = {}

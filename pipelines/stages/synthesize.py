@@ -136,6 +136,9 @@ class SynthesizeParams:
             raise SpecError(f"{prefix}sample_fraction", f"must be in (0, 1], got {self.sample_fraction}")
         if self.image_size < 16:
             raise SpecError(f"{prefix}image_size", f"must be >= 16, got {self.image_size}")
+        if self.outputs.rows_per_part is not None:
+            raise SpecError(f"{prefix}outputs.rows_per_part", "does not apply to synthesize: each output part holds "
+                            "the anomalies of one input part (so a rerun redoes only the missing parts); remove it")
         self.perlin.validate(f"{prefix}perlin")
         return self
 
