@@ -141,13 +141,15 @@ class Padim(nn.Module):
         """-> (image scores (B,), anomaly maps (B, S, S)), float32."""
         if not self.fitted:
             raise RuntimeError("PaDiM model is not fitted")
-        embedding = self.embed(images)
-        b, d, h, w = embedding.shape
-        delta = embedding.reshape(b, d, h * w).permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, D)
-        squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1).clamp_min(0)  # (P, B)
-        distance = squared.sqrt().T.reshape(b, 1, h, w)
-        maps = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(maps, self.config.map_sigma)
+        embedding = self.embed(images)  # under the caller's autocast, if any (e.g. bf16 on a GPU)
+        # Distances always in float32: a Mahalanobis distance subtracts nearly equal numbers.
+        with torch.autocast(embedding.device.type, enabled=False):
+            b, d, h, w = embedding.shape
+            delta = embedding.reshape(b, d, h * w).permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, D)
+            squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1).clamp_min(0)  # (P, B)
+            distance = squared.sqrt().T.reshape(b, 1, h, w)
+            maps = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            maps = gaussian_blur(maps, self.config.map_sigma)
         return maps.amax(dim=(1, 2)), maps
 
     # ---- what is saved: config + tensors ------------------------------------------------------
