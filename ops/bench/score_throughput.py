@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.foreign_note(result['foreign_cpu'], result['seconds'])}")
     print(f"      bare figure used below: {bare_ips:.2f} images/s (mean of {len(bares)})")
     print(f"      TrainedDetector.load from S3 (model.safetensors {bare['model_bytes'] / 2**20:.0f} MiB) took "
-          f"{bare['load_seconds']:.1f} s here (warm imports); the stage does it in each scorer actor (the driver reads only config.json)")
+          f"{bare['load_seconds']:.1f} s here (warm imports); the stage does it in each scorer actor "
+          "(the driver reads only config.json)")
     if bare["encode_ms_per_image"] is not None:
         both = run.images / (run.images / bare_ips + bare["encode_ms_per_image"] * run.images / 1000)
         print(f"      + PNG map encoding {bare['encode_ms_per_image']:.1f} ms/image -> bare forward + encode: "
