@@ -123,7 +123,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         # channels_last by default: EfficientNet is mostly depthwise and 1x1 convolutions, whose
-        # CPU (oneDNN) and GPU (cuDNN) kernels are faster on NHWC; measured here 1.5-1.8x images/s
+        # CPU (oneDNN) and GPU (cuDNN) kernels are faster on NHWC; measured here 1.4-1.8x images/s
         # on the CPU with the same scores (ops/bench/score_precision.py).
         self.set_memory_format(torch.channels_last)
 

@@ -66,7 +66,8 @@ class PadimStatistics:
         # Cholesky, not torch.linalg.inv: a covariance + epsilon*I is symmetric positive definite,
         # and the CPU's batched LU runs MKL's dgetrf on several threads at once for matrices above
         # ~128 channels, which fails ("Parameter 6 was incorrect on entry to DLASWP") and hangs
-        # (pytorch/pytorch#141358). Non-finite features are what makes it fail here.
+        # (pytorch/pytorch#141358). Cholesky fails only on a non-finite or degenerate covariance,
+        # which gets an error that says so.
         factor, info = torch.linalg.cholesky_ex(covariance)
         if bool((info != 0).any()) or not bool(torch.isfinite(self.sum).all()):
             bad = int(((info != 0) | ~torch.isfinite(self.sum).all(dim=1)).sum())
