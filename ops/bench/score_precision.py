@@ -76,8 +76,9 @@ def main() -> int:
         fit.update(model.embed(to_tensor(train_pixels[start:start + args.batch_size], device)).cpu())
     model.set_gaussian(fit)
     model.to(device)
-    batches = [to_tensor(chunk, device) for chunk in np.array_split(pixels(test), range(args.batch_size, len(test),
-                                                                                         args.batch_size))]
+    test_pixels = pixels(test)
+    batches = [to_tensor(test_pixels[start:start + args.batch_size], device)
+               for start in range(0, len(test), args.batch_size)]
     labels = [r.label for r in test]
     print(f"PaDiM bare forward, {len(test)} ELPV test cells at {config.image_size} px, batch {args.batch_size}, "
           f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
