@@ -194,6 +194,32 @@ def test_sample_is_uint8_deterministic_and_batch_independent():
         ddpm.sample(model, TINY, 1, 1001, torch.Generator())
 
 
+def test_per_image_generators_make_each_sample_independent_of_its_batch():
+    """The synthesize stage seeds each row's SDAS sample by the row: the same row must come out the
+    same whichever rows Ray Data put in its batch, and in whatever order."""
+    torch.manual_seed(0)
+    model = ddpm.build_unet(TINY).eval()
+
+    def draw(seeds, strengths, batch_size=4):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return ddpm._sample_tensor(model, TINY, len(seeds), 4, generators, variance_scale=strengths,
+                                   batch_size=batch_size)
+
+    together = draw([11, 12, 13], [0.1, 0.15, 0.2])
+    alone = torch.cat([draw([11], [0.1]), draw([12], [0.15]), draw([13], [0.2])])
+    reordered = draw([13, 11], [0.2, 0.1], batch_size=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reordered, together[[2, 0]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+    # A per-image strength is the same as that strength given alone.
+    torch.testing.assert_close(draw([12], [0.15]), ddpm._sample_tensor(
+        model, TINY, 1, 4, [torch.Generator().manual_seed(12)], variance_scale=0.15), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one generator per image"):
+        ddpm._sample_tensor(model, TINY, 3, 4, [torch.Generator()])
+    with pytest.raises(ValueError, match="one variance_scale per image"):
+        ddpm._sample_tensor(model, TINY, 2, 4, [torch.Generator(), torch.Generator()], variance_scale=[0.1])
+
+
 # ---- training --------------------------------------------------------------------------------
 
 

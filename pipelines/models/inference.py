@@ -6,6 +6,10 @@ index r of its input part is always scored in slot r % B of a zero-padded batch 
 images, with the rows r // B of the same part. However a pipeline regroups rows, every image is
 computed by the same instructions, and a rerun reproduces its score bit for bit. (Callers pass
 the position among the part's selected rows, so that consecutive rows fill whole batches.)
+
+A batch is keyed by (part, position // B), never by position alone: one Ray batch often holds the
+rows of several small parts, whose positions start at 0 in each, and two images must never share
+a slot (that put one image's score on another).
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def score_in_slots(model: torch.nn.Module, pixels: np.ndarray, rows: np.ndarray, batch_size: int,
-                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and maps (N, S, S) of images whose row indices in their part are `rows`."""
-    rows = np.asarray(rows, dtype=np.int64)
-    count, size = len(rows), pixels.shape[1]
+def score_in_slots(model: torch.nn.Module, pixels: np.ndarray, positions: np.ndarray, batch_size: int,
+                   device: torch.device | str = "cpu", parts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and maps (N, S, S) of images at `positions` among their part's selected rows.
+
+    `parts` (N,) names each image's input part (default: all from one part). Raises ValueError if
+    two images claim the same (part, position): their slots would collide.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    parts = np.zeros(len(positions), np.int64) if parts is None else np.asarray(parts, dtype=np.int64)
+    if len(parts) != len(positions) or len(pixels) != len(positions):
+        raise ValueError(f"{len(pixels)} images, {len(positions)} positions and {len(parts)} parts do not match")
+    identities = np.stack([parts, positions], axis=1) if len(positions) else np.zeros((0, 2), np.int64)
+    if len(np.unique(identities, axis=0)) != len(identities):
+        raise ValueError("two images share a (part, position): each needs a slot of its own")
+    count, size = len(positions), pixels.shape[1]
     scores = np.zeros(count, np.float32)
     maps = np.zeros((count, size, size), np.float32)
-    for group in np.unique(rows // batch_size):
-        members = np.flatnonzero(rows // batch_size == group)
-        slots = rows[members] % batch_size
+    groups = np.stack([parts, positions // batch_size], axis=1) if count else np.zeros((0, 2), np.int64)
+    for group in np.unique(groups, axis=0):
+        members = np.flatnonzero((groups == group).all(axis=1))
+        slots = positions[members] % batch_size
         batch = np.zeros((batch_size, *pixels.shape[1:]), np.uint8)
         batch[slots] = pixels[members]
         with torch.inference_mode():
