@@ -4,15 +4,24 @@ Every field is checked before anything runs: unknown keys (with a "did you mean"
 missing fields and values outside their allowed set raise `SpecError` naming the dotted field path
 and what is allowed. Stage kinds register their parameter class in `pipelines.stages`; adding a
 kind is adding a module there, nothing here changes.
+
+Whatever a file holds, reading it ends in a spec or in one `SpecError` line, quickly: the file is
+stat()ed before it is opened (a FIFO or a device is never read) and must be small UTF-8; the YAML
+loader refuses duplicate keys, deep nesting and alias bombs; every number is finite and bounded;
+URIs cannot hold `..`, empty segments, queries, fragments, backslashes or control characters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
+import stat
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,25 @@ NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter 
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 STEP_REFERENCE_PREFIX = "step:"
 
+# Bounds on what a spec may hold at all; fields check their own, narrower ranges on top.
+MAX_INTEGER = 2**31 - 1  # no count, size or seed needs more; far beyond it is a typo or an overflow
+MAX_LIST_ITEMS = 1000  # the longest real list is a few dozen categories
+MAX_IMAGE_SIZE = 4096  # pixels per side: a 4096^2 RGB float batch is already 200 MB per image
+MAX_URI_LENGTH = 4096  # PATH_MAX; S3 keys stop at 1024 bytes
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few KB: a bigger file is a mistake, not a spec
+MAX_YAML_DEPTH = 64  # nesting levels; the deepest real field is 5 levels down
+MAX_YAML_NODES = 10_000  # values once aliases are expanded; a real spec has a few hundred
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: a message quotes a huge value without becoming one.
+
+    repr also escapes newlines and control characters, so the message stays one printable line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"  # str() would refuse
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
+
 
 # --------------------------------------------------------------------------------------------
 # Field checks shared by stage parameter classes
@@ -36,7 +64,39 @@ STEP_REFERENCE_PREFIX = "step:"
 
 def check_name(value: str, field_path: str) -> None:
     if not NAME_PATTERN.match(value):
-        raise SpecError(field_path, f"{value!r} is not a valid name: use {NAME_RULE}")
+        raise SpecError(field_path, f"{short_repr(value)} is not a valid name: use {NAME_RULE}")
+
+
+def check_names(values: tuple[str, ...] | None, field_path: str) -> None:
+    """A list of names that become path components or model keys (categories): each a valid name."""
+    if values is None:
+        return
+    if not values:
+        raise SpecError(field_path, "is an empty list: name at least one, or leave the key out for all of them")
+    for index, value in enumerate(values):
+        check_name(value, f"{field_path}[{index}]")
+
+
+# Characters a storage URI must not hold: a NUL ends the path for C libraries, `\` is a separator
+# to Windows and some S3 gateways, and `?` / `#` would start a query or fragment for an HTTP client
+# (the S3 one among them) while pyarrow takes them as part of a file name.
+_URI_FORBIDDEN = {"?": "a query string ('?')", "#": "a fragment ('#')", "\\": "a backslash"}
+
+
+def _check_uri_path(path: str, value: str, field_path: str) -> None:
+    """Refuse path segments that are empty (`a//b`) or, also once percent-decoded, `.` or `..`:
+    pyarrow, S3 gateways and HTTP clients disagree on what those mean, and `..` can leave the tree."""
+    for segment in path.split("/") if path else ():
+        if not segment:
+            raise SpecError(field_path, f"{short_repr(value)} has an empty path segment ('//'): write each '/' once")
+        decoded = urllib.parse.unquote(segment)
+        if decoded in (".", ".."):
+            how = f" ({segment!r} percent-decodes to it)" if decoded != segment else ""
+            raise SpecError(field_path, f"{short_repr(value)} has a {decoded!r} path segment{how}: "
+                                        "'.' and '..' are not allowed in a storage URI")
+        if decoded != segment and re.search(r"[/\\?#\x00-\x1f\x7f]", decoded):
+            raise SpecError(field_path, f"{short_repr(value)}: {segment!r} percent-encodes a '/', '\\', '?', '#' "
+                                        "or control character, which is not allowed in a storage URI")
 
 
 def normalize_uri(value: str, field_path: str, *, schemes: tuple[str, ...] = ("file", "s3")) -> str:
@@ -44,29 +104,40 @@ def normalize_uri(value: str, field_path: str, *, schemes: tuple[str, ...] = ("f
 
     Accepts `file:///abs/path`, a plain absolute path (turned into `file://`), and
     `s3://bucket/prefix`. Relative paths are refused: a spec must mean the same thing wherever
-    it runs (a Ray cluster has another working directory).
+    it runs (a Ray cluster has another working directory). So are paths that could mean another
+    place than they seem to: `..` / `.` segments (also percent-encoded), empty segments, control
+    characters, backslashes, query strings and fragments.
     """
     allowed = " or ".join(f"{s}://..." for s in schemes)
+    if len(value) > MAX_URI_LENGTH:
+        raise SpecError(field_path, f"{short_repr(value)} is {len(value)} characters long; "
+                                    f"a storage URI has at most {MAX_URI_LENGTH}")
+    bad = re.search(r"[?#\\\x00-\x1f\x7f]", value)
+    if bad:
+        what = _URI_FORBIDDEN.get(bad.group(), f"a control character ({bad.group()!r})")
+        raise SpecError(field_path, f"{short_repr(value)} contains {what}, which is not allowed in a storage URI")
     if value.startswith("/") and "file" in schemes:
         value = "file://" + value
     match = re.match(r"^([a-z0-9]+)://(.*)$", value)
     if not match:
-        raise SpecError(field_path, f"{value!r} is not a URI: expected {allowed} (absolute paths only)")
+        raise SpecError(field_path, f"{short_repr(value)} is not a URI: expected {allowed} (absolute paths only)")
     scheme, rest = match.groups()
     if scheme not in schemes:
-        raise SpecError(field_path, f"unsupported URI scheme {scheme!r} in {value!r}: expected {allowed}")
+        raise SpecError(field_path, f"unsupported URI scheme {scheme!r} in {short_repr(value)}: expected {allowed}")
     if scheme == "file":
         if not rest.startswith("/"):
-            raise SpecError(field_path, f"{value!r}: file URIs must be absolute, like file:///data/images")
+            raise SpecError(field_path, f"{short_repr(value)}: file URIs must be absolute, like file:///data/images")
         path = "/" + rest.lstrip("/")
+        _check_uri_path(path.strip("/"), value, field_path)
         return "file://" + path.rstrip("/") if path != "/" else "file:///"
     bucket, _, key = rest.partition("/")
-    if not BUCKET_PATTERN.match(bucket):
+    if not BUCKET_PATTERN.match(bucket) or ".." in bucket:
         raise SpecError(
             field_path,
-            f"{value!r}: {bucket!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')",
+            f"{short_repr(value)}: {short_repr(bucket)} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')",
         )
-    key = key.strip("/")
+    key = key.rstrip("/")  # not lstrip: `s3://b//x` names the key "/x", another object than "x"
+    _check_uri_path(key, value, field_path)
     return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 
 
@@ -74,6 +145,64 @@ def check_positive(value: float, field_path: str, *, allow_zero: bool = False) -
     if not (value > 0 or (allow_zero and value == 0)):  # written so that NaN fails too
         bound = ">= 0" if allow_zero else "> 0"
         raise SpecError(field_path, f"must be {bound}, got {value}")
+
+
+def check_image_size(value: int, field_path: str, *, minimum: int, multiple: int = 1) -> None:
+    """An image side in pixels: at least what the model needs, at most MAX_IMAGE_SIZE."""
+    if not minimum <= value <= MAX_IMAGE_SIZE or value % multiple:
+        rule = f"a multiple of {multiple} " if multiple > 1 else ""
+        raise SpecError(field_path, f"must be {rule}between {minimum} and {MAX_IMAGE_SIZE} pixels, got {value}")
+
+
+# 5-field cron, as the nightly wrapper's crontab and a Kubernetes CronJob read it: (field, lowest,
+# highest, names). Day of week 7 is Sunday again, as in Vixie cron.
+_CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_ITEM = re.compile(r"^(?:(\*)|([0-9]{1,9}|[a-z]+)(?:-([0-9]{1,9}|[a-z]+))?)(?:/([0-9]{1,9}))?$")
+CRON_RULE = "'*', a value, a range a-b, a list a,b and steps */n or a-b/n"
+
+
+def check_cron(expression: str, field_path: str) -> None:
+    """A 5-field cron expression, every field checked against its range (no dependency needed)."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise SpecError(field_path, f"{short_repr(expression)} is not a 5-field cron expression like '0 2 * * *' "
+                                    "(minute hour day-of-month month day-of-week)")
+    for text, rule in zip(fields, _CRON_FIELDS):
+        name, low, high, _ = rule
+        for item in text.lower().split(","):
+            match = _CRON_ITEM.match(item)
+            if not match:
+                raise SpecError(field_path, f"{short_repr(expression)}: {short_repr(item)} is not a valid {name} "
+                                            f"field (use {CRON_RULE})")
+            star, start, end, step = match.groups()
+            if not star:
+                first = _cron_value(start, rule, expression, field_path)
+                if end is not None and _cron_value(end, rule, expression, field_path) < first:
+                    raise SpecError(field_path, f"{short_repr(expression)}: the {name} range {start}-{end} runs "
+                                                "backwards")
+            if step is not None and not 1 <= int(step) <= high - low + 1:
+                raise SpecError(field_path, f"{short_repr(expression)}: {name} step {int(step)} must be between 1 "
+                                            f"and {high - low + 1}")
+
+
+def _cron_value(token: str, rule: tuple, expression: str, field_path: str) -> int:
+    name, low, high, names = rule
+    if token.isdigit():
+        number = int(token)
+    elif token in names:
+        number = names.index(token) + low
+    else:
+        allowed = f"a number or {names[0]}-{names[-1]}" if names else "a number"
+        raise SpecError(field_path, f"{short_repr(expression)}: {short_repr(token)} is not a {name} ({allowed})")
+    if not low <= number <= high:
+        raise SpecError(field_path, f"{short_repr(expression)}: {name} {number} is out of range {low}-{high}")
+    return number
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,11 +221,24 @@ class StorageSpec:
 
     def validate(self, path: str) -> StorageSpec:
         root = normalize_uri(self.root, f"{path}.root")
-        if self.endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", self.endpoint):
-            raise SpecError(f"{path}.endpoint", f"{self.endpoint!r}: expected http(s)://host:port")
         if "@" in (self.endpoint or ""):
             raise SpecError(f"{path}.endpoint", "credentials are not allowed in a job spec")
+        if self.endpoint is not None and not _is_host_url(self.endpoint.rstrip("/")):
+            raise SpecError(f"{path}.endpoint", f"{short_repr(self.endpoint)}: expected http(s)://host:port")
         return dataclasses.replace(self, root=root)
+
+
+# host[:port]: a DNS name or IPv4 address (`_` for container names), or an [IPv6] address. Nothing
+# else: no path, query, fragment, credentials or whitespace can ride along to the HTTP client.
+_HOST_PORT = r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]{2,45}\])(?::(\d{1,5}))?"
+
+
+def _is_host_url(value: str, scheme: str = "https?", port_required: bool = False) -> bool:
+    match = re.fullmatch(f"{scheme}://{_HOST_PORT}", value)
+    if not match:
+        return False
+    port = match.group(1)
+    return (port is not None or not port_required) and (port is None or 1 <= int(port) <= 65535)
 
 
 @dataclass(frozen=True)
@@ -111,12 +253,12 @@ class RaySpec:
     def validate(self, path: str) -> RaySpec:
         if not (
             self.address in ("local", "auto")
-            or re.match(r"^ray://[^/\s]+:\d+$", self.address)
-            or re.match(r"^https?://[^/\s]+$", self.address.rstrip("/"))
+            or _is_host_url(self.address, scheme="ray", port_required=True)
+            or _is_host_url(self.address.rstrip("/"))
         ):
             raise SpecError(
                 f"{path}.address",
-                f"{self.address!r}: expected 'local', 'auto', 'ray://host:port' or 'http://host:8265'",
+                f"{short_repr(self.address)}: expected 'local', 'auto', 'ray://host:port' or 'http://host:8265'",
             )
         for name in ("num_cpus", "num_gpus"):
             value = getattr(self, name)
@@ -234,7 +376,6 @@ class JobSpec:
 
 
 COMMON_KEYS = ("kind", "name", "description", "storage", "ray", "schedule")
-CRON_PATTERN = re.compile(r"^(\S+\s+){4}\S+$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +390,17 @@ def _describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {short_repr(value)}"
+
+
+def _check_number(value: int | float, path: str) -> None:
+    """Every number in a spec is finite and of a sane magnitude, whatever the field: `.inf`, `.nan`
+    and `1e30` pass a `> 0` check, and then overflow a float() or an int() far from the spec."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(path, f"{value} is not allowed: numbers in a job spec must be finite")
+    if abs(value) > MAX_INTEGER:
+        raise SpecError(path, f"{short_repr(value)} is out of range: numbers in a job spec are at most "
+                              f"{MAX_INTEGER} in magnitude")
 
 
 def _type_name(tp: Any) -> str:
@@ -294,6 +445,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         (item_type, _) = typing.get_args(tp)
         if not isinstance(value, list):
             raise SpecError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
+        if len(value) > MAX_LIST_ITEMS:
+            raise SpecError(path, f"has {len(value)} items; a list in a job spec has at most {MAX_LIST_ITEMS}")
         return tuple(_convert(item_type, item, f"{path}[{i}]") for i, item in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, path)
@@ -304,14 +457,20 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(path, f"expected an integer, got {_describe(value)}")
+        _check_number(value, path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(path, f"expected a number, got {_describe(value)}")
+        _check_number(value, path)
         return float(value)
     if tp is str:
         # YAML reads `version: 3` as an int; a number where a string is expected is meant as text.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpecError(path, f"expected a non-empty string, got {value} (quote it if it is meant as text)")
+            if isinstance(value, int) and value.bit_length() > 128:
+                raise SpecError(path, f"expected a non-empty string, got {short_repr(value)}")
             return str(value)
         if not isinstance(value, str) or not value:
             raise SpecError(path, f"expected a non-empty string, got {_describe(value)}")
@@ -334,12 +493,17 @@ def _convert_tagged(members: list[type], value: Any, path: str) -> Any:
     return parse_dataclass(by_tag[tag], value, path)
 
 
+def _key_path(key: Any, path: str) -> str:
+    """The dotted field path of a key as the user wrote it, kept to one short printable line."""
+    text = str(key) if isinstance(key, str) and key.isprintable() and len(key) <= 60 else short_repr(key)
+    return f"{path}.{text}" if path else text
+
+
 def unknown_key_error(key: Any, allowed: typing.Iterable[str], path: str) -> SpecError:
     allowed = list(allowed)
-    guess = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    guess = difflib.get_close_matches(str(key)[:100], allowed, n=1, cutoff=0.6)
     hint = f"; did you mean {guess[0]!r}?" if guess else ""
-    where = f"{path}.{key}" if path else str(key)
-    return SpecError(where, f"unknown key {key!r}{hint} (allowed keys: {', '.join(allowed)})")
+    return SpecError(_key_path(key, path), f"unknown key {short_repr(key)}{hint} (allowed keys: {', '.join(allowed)})")
 
 
 def check_keys(data: Mapping[Any, Any], allowed: typing.Iterable[str], path: str) -> None:
@@ -348,7 +512,7 @@ def check_keys(data: Mapping[Any, Any], allowed: typing.Iterable[str], path: str
     for key in data:
         if key not in allowed:
             if str(key).lower() in ("access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "password", "token"):
-                raise SpecError(f"{path}.{key}" if path else str(key),
+                raise SpecError(_key_path(key, path),
                                 "credentials are not allowed in a job spec; set AWS_ACCESS_KEY_ID / "
                                 "AWS_SECRET_ACCESS_KEY in the environment or the AWS credentials file")
             raise unknown_key_error(key, allowed, path)
@@ -390,7 +554,7 @@ def _parse_step(kind: str, name: str, body: Mapping[str, Any], path: str) -> Ste
 
     if kind not in STAGE_KINDS:
         raise SpecError(f"{path}.kind" if path else "kind",
-                        f"{kind!r} is not a step kind; expected one of {', '.join(map(repr, STAGE_KINDS))}")
+                        f"{short_repr(kind)} is not a step kind; expected one of {', '.join(map(repr, STAGE_KINDS))}")
     params = parse_dataclass(STAGE_KINDS[kind].params, body, path)
     return StepSpec(name=name, kind=kind, params=params)
 
@@ -403,6 +567,10 @@ def parse_spec(data: Any) -> JobSpec:
         raise SpecError("", f"a job spec must be a mapping at the top level, got {_describe(data)}")
     kinds = ("pipeline", *STAGE_KINDS)
     if "kind" not in data:
+        # `knd: score` is a typo to point at, not a missing `kind` (no other top-level key is close to it).
+        for key in data:
+            if difflib.get_close_matches(str(key)[:100], ["kind"], n=1, cutoff=0.6):
+                raise SpecError(_key_path(key, ""), f"unknown key {short_repr(key)}; did you mean 'kind'?")
         raise SpecError("kind", f"missing required field; expected one of {', '.join(map(repr, kinds))}")
     kind = data["kind"]
     if kind not in kinds:
@@ -418,8 +586,8 @@ def parse_spec(data: Any) -> JobSpec:
     storage = parse_dataclass(StorageSpec, data["storage"], "storage")
     ray = parse_dataclass(RaySpec, data.get("ray", {}), "ray")
     schedule = _convert(str | None, data.get("schedule"), "schedule")
-    if schedule is not None and not CRON_PATTERN.match(schedule):
-        raise SpecError("schedule", f"{schedule!r} is not a 5-field cron expression like '0 2 * * *'")
+    if schedule is not None:
+        check_cron(schedule, "schedule")
     description = _convert(str | None, data.get("description"), "description")
     body = {k: v for k, v in data.items() if k not in COMMON_KEYS}
 
@@ -487,25 +655,233 @@ def _check_references(step: StepSpec, earlier: list[str], path: str) -> None:
                             f"'step:{target}' does not name an earlier step (earlier steps: {known})")
 
 
+# --------------------------------------------------------------------------------------------
+# Reading spec files
+# --------------------------------------------------------------------------------------------
+
+
+class _SpecChecks:
+    """What `yaml.SafeLoader` lacks, each an error naming the line (mixed into the loaders below):
+
+    - a key given twice in one mapping (`safe_load` silently keeps the last one);
+    - nesting deeper than MAX_YAML_DEPTH (the composer recurses per level: 10,000 `[` exhausted
+      the stack) and more than MAX_YAML_NODES values with aliases expanded (a "billion laughs" of
+      nested aliases is a few lines on disk and exponential for whatever walks the data);
+    - a scalar its tag cannot convert: `!!int x`, `!!bool maybe` and an integer of 5,000 digits
+      raised ValueError / KeyError out of the constructor, not a YAML error.
+    Dates and times stay text: `version: 2026-11-21` is a name, and `2026-13-45` raised ValueError.
+    """
+
+    parser: type  # the reader + scanner + parser (C or Python) of the concrete loader
+
+    def __init__(self, text: str, source: str):
+        self.parser.__init__(self, text)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self.source = source
+        self.depth = 0
+        self.nodes = 0
+        self.anchor_sizes: dict[str, int] = {}  # values under each anchor, its aliases expanded
+
+    def located_error(self, problem: str, mark: yaml.Mark) -> SpecError:
+        return SpecError("", f"{self.source} line {mark.line + 1}, column {mark.column + 1}: {problem}")
+
+    def count_nodes(self, nodes: int, mark: yaml.Mark) -> None:
+        self.nodes += nodes
+        if self.nodes > MAX_YAML_NODES:
+            raise self.located_error(f"more than {MAX_YAML_NODES} values with YAML aliases expanded; "
+                             "a job spec has a few hundred", mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.count_nodes(self.anchor_sizes.get(event.anchor, 1), event.start_mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise self.located_error(f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        before = self.nodes
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        self.count_nodes(1, event.start_mark)
+        if event.anchor is not None:
+            self.anchor_sizes[event.anchor] = self.nodes - before
+        return node
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_at: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: explicit keys override merged ones
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first_at.get(key)
+                except TypeError:  # unhashable: the base class explains that
+                    continue
+                if earlier is not None:
+                    raise self.located_error(f"duplicate key {short_repr(key)} (first at line {earlier.line + 1}); "
+                                     "give each key once", key_node.start_mark)
+                first_at[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        text = self.construct_scalar(node)
+        if len(text) > 32:
+            raise self.located_error(f"a {len(text)}-digit integer is out of range (at most {MAX_INTEGER})",
+                                     node.start_mark)
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise self.located_error(f"{short_repr(text)} is not an integer", node.start_mark) from None
+
+    def construct_yaml_float(self, node: yaml.Node) -> float:
+        try:
+            return super().construct_yaml_float(node)
+        except ValueError:
+            text = short_repr(self.construct_scalar(node))
+            raise self.located_error(f"{text} is not a number", node.start_mark) from None
+
+    def construct_yaml_bool(self, node: yaml.Node) -> bool:
+        try:
+            return super().construct_yaml_bool(node)
+        except KeyError:
+            text = short_repr(self.construct_scalar(node))
+            raise self.located_error(f"{text} is not true/false", node.start_mark) from None
+
+
+_SpecChecks.yaml_constructors = {
+    **yaml.constructor.SafeConstructor.yaml_constructors,
+    "tag:yaml.org,2002:int": _SpecChecks.construct_yaml_int,
+    "tag:yaml.org,2002:float": _SpecChecks.construct_yaml_float,
+    "tag:yaml.org,2002:bool": _SpecChecks.construct_yaml_bool,
+    "tag:yaml.org,2002:timestamp": yaml.constructor.SafeConstructor.construct_scalar,
+}
+_SpecChecks.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+
+
+class _PythonParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """PyYAML's own reader, scanner and parser, for where libyaml is missing."""
+
+    def __init__(self, text: str):
+        yaml.reader.Reader.__init__(self, text)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+    def fetch_flow_collection_start(self, TokenClass: type) -> None:
+        # Every '[' or '{' may start a simple key; the scanner reads ahead through all of them and
+        # re-checks each pending key per token, quadratic in the depth (10,000 '[' took 2.5 s), so
+        # the depth is bounded here, before the composer sees the first node.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+
+class _PythonSpecLoader(_SpecChecks, yaml.composer.Composer, _PythonParser, yaml.constructor.SafeConstructor,
+                        yaml.resolver.Resolver):
+    parser = _PythonParser
+
+
+if yaml.__with_libyaml__:
+    class _LibyamlSpecLoader(_SpecChecks, yaml.composer.Composer, yaml.cyaml.CParser,
+                             yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        parser = yaml.cyaml.CParser
+
+
+# libyaml scans and parses in C; PyYAML's Python scanner is some 30x slower (one 1 MB line of a
+# fuzzed spec took 30 s). Composing and constructing, where the checks are, is Python in both.
+_SpecLoader = _LibyamlSpecLoader if yaml.__with_libyaml__ else _PythonSpecLoader
+
+# What YAML 1.1 streams may hold (PyYAML's Reader.NON_PRINTABLE; libyaml checks the same).
+_NOT_YAML_CHARACTER = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_spec_file(path: str | Path) -> str:
+    """The text of a spec file; refused, without blocking, unless it is a small regular UTF-8 file.
+
+    Reading a FIFO waits for a writer, /dev/zero never ends and /dev/stdin may be a terminal, so
+    the path is stat()ed before it is opened (opening a FIFO can block too), and what was opened is
+    fstat()ed again in case the path was swapped in between.
+    """
+    shown = _shown_path(path)
+    if not shown:
+        raise SpecError("", "no spec file given: the path is empty")
+
+    def not_regular(mode: int) -> SpecError:
+        what = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        return SpecError("", f"cannot read spec file {shown}: it is {what}, not a regular file")
+
+    def too_big(size: int) -> SpecError:
+        return SpecError("", f"cannot read spec file {shown}: {size} bytes is more than a job spec's "
+                             f"{MAX_SPEC_BYTES} (1 MiB)")
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise SpecError("", f"spec file not found: {shown}") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        raise SpecError("", f"cannot read spec file {shown}: {getattr(error, 'strerror', None) or error}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise not_regular(info.st_mode)
+    if info.st_size > MAX_SPEC_BYTES:
+        raise too_big(info.st_size)
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise not_regular(mode)
+            raw = file.read(MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError("", f"cannot read spec file {shown}: {error.strerror}") from None
+    if len(raw) > MAX_SPEC_BYTES:  # it grew since the stat()
+        raise too_big(len(raw))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise SpecError("", f"{shown} is not UTF-8 text: byte 0x{raw[error.start]:02x} at line {line} "
+                            "cannot be decoded (save the file as UTF-8)") from None
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path as messages show it: as is, unless a newline or the like would break the line."""
+    return str(path) if str(path).isprintable() else short_repr(str(path), limit=200)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML job spec file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError("", f"spec file not found: {path}") from None
-    except OSError as error:
-        raise SpecError("", f"cannot read spec file {path}: {error.strerror}") from None
-    return load_spec_text(text, source=str(path))
+    return load_spec_text(read_spec_file(path), source=_shown_path(path))
 
 
 def load_spec_text(text: str, source: str = "<spec>") -> JobSpec:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError("", f"{source}: {len(text)} characters is more than a job spec's {MAX_SPEC_BYTES} "
+                            "bytes (1 MiB)")
     try:
-        data = yaml.safe_load(text)
+        loader = _SpecLoader(text, source)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as error:  # no mark, and a position in bytes or in characters
+        bad = _NOT_YAML_CHARACTER.search(text)
+        where = f" at line {text.count(chr(10), 0, bad.start()) + 1}" if bad else ""
+        character = ord(bad.group()) if bad else error.character
+        raise SpecError("", f"{source} is not valid YAML{where}: the character U+{character:04X} is not allowed "
+                            "in YAML (control characters other than tab and newline)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError("", f"{source} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        problem = str(getattr(error, "problem", None) or error).replace("\n", " ")  # one line on the terminal
+        raise SpecError("", f"{source} is not valid YAML{where}: {problem}") from None
     return parse_spec(data)
 
 

@@ -6,6 +6,10 @@ Pure Python: no Ray is started, nothing touches the network.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 from pipelines import cli
+from pipelines import spec as spec_module
 from pipelines.errors import SpecError
 from pipelines.spec import (
     DatasetInputSpec,
@@ -165,7 +170,7 @@ def test_absolute_path_becomes_file_uri_and_s3_prefix_loses_trailing_slash():
     ("/data/x", "file:///data/x"),
     ("/data/x/", "file:///data/x"),
     ("file:///data/x", "file:///data/x"),
-    ("file:////data//x/", "file:///data//x"),
+    ("file:////data/x/", "file:///data/x"),  # extra leading slashes collapse; `//` inside is refused
     ("/", "file:///"),
     ("s3://bucket", "s3://bucket"),
     ("s3://bucket/", "s3://bucket"),
@@ -236,6 +241,20 @@ def test_parsed_specs_are_frozen():
 
 PIPELINE = pipeline_job()
 INGEST = ingest_job()
+
+
+def shipped(name: str) -> dict[str, Any]:
+    """A job spec under jobs/, as plain data."""
+    return yaml.safe_load((REPO / "jobs" / f"{name}.yaml").read_text())
+
+
+DEMO_DATA = shipped("demo")  # steps: 0 ingest, 1 describe, 2 ingest, 3 synthesize, 4 train, 5 score, 6 evaluate
+PADIM_JOB = shipped("train-padim")
+DDPM_JOB = shipped("train-ddpm")
+DDPM_SMALL = shipped("train-ddpm-small")  # steps: 0 ingest, 1 train (ddpm), 2 sample
+SYNTH_JOB = shipped("synthesize-anomalies")
+SCORE_JOB = shipped("score-nightly")
+EVALUATE_JOB = shipped("evaluate")
 
 BAD_SPECS = [
     # keys
@@ -318,7 +337,7 @@ BAD_SPECS = [
     pytest.param(with_changes(INGEST, "resources", {"gpus_per_worker": -1}), "resources.gpus_per_worker",
                  "must be >= 0", id="gpus-negative"),
     pytest.param(with_changes(INGEST, "resources", {"cpus_per_worker": float("nan")}), "resources.cpus_per_worker",
-                 "must be > 0, got nan", id="cpus-nan"),
+                 "nan is not allowed: numbers in a job spec must be finite", id="cpus-nan"),
     pytest.param(with_changes(INGEST, "resources", {"batch_size": 0}), "resources.batch_size", "must be > 0",
                  id="batch-zero"),
     pytest.param(with_changes(INGEST, "outputs.rows_per_part", 0), "outputs.rows_per_part", "must be > 0",
@@ -428,6 +447,145 @@ BAD_SPECS = [
     pytest.param(with_changes(INGEST, "schedule", "0 2 * *"), "schedule", "5-field cron", id="schedule-4-fields"),
     pytest.param(with_changes(INGEST, "schedule", "0 0 2 * * *"), "schedule", "5-field cron",
                  id="schedule-6-fields"),
+    # numbers: finite, of a sane magnitude, and no negative counts or seeds
+    pytest.param(with_changes(INGEST, "resources", {"cpus_per_worker": float("inf")}), "resources.cpus_per_worker",
+                 "inf is not allowed: numbers in a job spec must be finite", id="cpus-inf"),
+    pytest.param(with_changes(INGEST, "resources", {"gpus_per_worker": float("nan")}), "resources.gpus_per_worker",
+                 "nan is not allowed", id="gpus-nan"),
+    pytest.param(with_changes(INGEST, "source", {"type": "elpv", "normal_train_fraction": float("-inf")}),
+                 "source.normal_train_fraction", "-inf is not allowed", id="fraction-minus-inf"),
+    pytest.param(with_changes(EVALUATE_JOB, "fpr_limit", float("inf")), "fpr_limit", "must be finite",
+                 id="fpr-limit-inf"),
+    pytest.param(with_changes(INGEST, "resources", {"cpus_per_worker": 1e30}), "resources.cpus_per_worker",
+                 "1e+30 is out of range: numbers in a job spec are at most 2147483647 in magnitude", id="float-1e30"),
+    pytest.param(with_changes(SYNTH_JOB, "sources.0.weight", -1e30), "sources[0].weight", "-1e+30 is out of range",
+                 id="float-minus-1e30"),
+    pytest.param(with_changes(INGEST, "resources", {"workers": 2**31}), "resources.workers",
+                 "2147483648 is out of range", id="int-2-pow-31"),
+    pytest.param(with_changes(INGEST, "resources", {"batch_size": 2**63}), "resources.batch_size",
+                 "is out of range", id="int-2-pow-63"),
+    pytest.param(with_changes(INGEST, "max_image_pixels", 2**40), "max_image_pixels", "is out of range",
+                 id="max-pixels-huge"),
+    pytest.param(with_changes(INGEST, "name", float("inf")), "name", "got inf (quote it if it is meant as text)",
+                 id="name-inf"),
+    pytest.param(with_changes(INGEST, "source", {"type": "elpv", "split_seed": -1}), "source.split_seed",
+                 "must be >= 0, got -1", id="elpv-seed-negative"),
+    pytest.param(with_changes(PADIM_JOB, "padim.seed", -1), "padim.seed", "must be >= 0", id="padim-seed-negative"),
+    pytest.param(with_changes(SYNTH_JOB, "seed", -1), "seed", "must be >= 0", id="synthesize-seed-negative"),
+    pytest.param(with_changes(DDPM_SMALL, "steps.2.seed", -1), "steps[2].seed", "must be >= 0",
+                 id="sample-seed-negative"),
+    pytest.param(with_changes(EVALUATE_JOB, "seed", -1), "seed", "must be >= 0", id="evaluate-seed-negative"),
+    pytest.param(with_changes(DDPM_JOB, "training.seed", -1), "training.seed", "must be >= 0",
+                 id="training-seed-negative"),
+    pytest.param(with_changes(EVALUATE_JOB, "anomalous_examples", -1), "anomalous_examples", "must be >= 0",
+                 id="anomalous-examples-negative"),
+    pytest.param(with_changes(EVALUATE_JOB, "normal_examples", -3), "normal_examples", "must be >= 0",
+                 id="normal-examples-negative"),
+    pytest.param(with_changes(DEMO_DATA, "steps.6.normal_examples", -1), "steps[6].normal_examples", "must be >= 0",
+                 id="step-normal-examples-negative"),
+    pytest.param(with_changes(SYNTH_JOB, "per_image", -1), "per_image", "must be > 0", id="per-image-negative"),
+    pytest.param(with_changes(DDPM_SMALL, "steps.2.count", -16), "steps[2].count", "must be > 0",
+                 id="sample-count-negative"),
+    pytest.param(with_changes(DDPM_SMALL, "steps.2.outputs.rows_per_part", -1), "steps[2].outputs.rows_per_part",
+                 "must be > 0", id="rows-per-part-negative"),
+    pytest.param(with_changes(SYNTH_JOB, "sources.0.steps", -20), "sources[0].steps", "must be > 0",
+                 id="sdas-steps-negative"),
+    pytest.param(with_changes(DDPM_JOB, "optim.warmup_steps", -1), "optim.warmup_steps", "must be >= 0",
+                 id="warmup-negative"),
+    pytest.param(with_changes(INGEST, "max_image_pixels", 0), "max_image_pixels", "must be > 0", id="max-pixels-zero"),
+    pytest.param(with_changes(SCORE_JOB, "max_image_pixels", 0), "max_image_pixels", "must be > 0",
+                 id="score-max-pixels-zero"),
+    pytest.param(with_changes(DEMO_DATA, "steps.5.max_image_pixels", -1), "steps[5].max_image_pixels", "must be > 0",
+                 id="step-score-max-pixels-negative"),
+    pytest.param(with_changes(SYNTH_JOB, "max_image_pixels", 0), "max_image_pixels", "must be > 0",
+                 id="synthesize-max-pixels-zero"),
+    pytest.param(with_changes(PADIM_JOB, "max_image_pixels", -5), "max_image_pixels", "must be > 0",
+                 id="train-max-pixels-negative"),
+    # image sizes and PaDiM's channels
+    pytest.param(with_changes(SYNTH_JOB, "image_size", 8192), "image_size",
+                 "must be between 16 and 4096 pixels, got 8192", id="synthesize-image-size-huge"),
+    pytest.param(with_changes(SYNTH_JOB, "image_size", 8), "image_size", "between 16 and 4096", id="synthesize-tiny"),
+    pytest.param(with_changes(SYNTH_JOB, "image_size", 16), "perlin.max_scale_exponent",
+                 "more than the image size 16", id="perlin-cells-above-image-size"),
+    pytest.param(with_changes(PADIM_JOB, "padim.image_size", 4128), "padim.image_size",
+                 "must be a multiple of 32 between 32 and 4096 pixels, got 4128", id="padim-image-size-huge"),
+    pytest.param(with_changes(PADIM_JOB, "padim.image_size", 100), "padim.image_size", "a multiple of 32",
+                 id="padim-image-size-not-multiple"),
+    pytest.param(with_changes(PADIM_JOB, "padim.image_size", 0), "padim.image_size", "between 32 and 4096",
+                 id="padim-image-size-zero"),
+    pytest.param(with_changes(DDPM_JOB, "ddpm.image_size", 8192), "ddpm.image_size", "between 8 and 4096 pixels",
+                 id="ddpm-image-size-huge"),
+    pytest.param(with_changes(DDPM_SMALL, "steps.1.ddpm.image_size", 4), "steps[1].ddpm.image_size",
+                 "between 8 and 4096 pixels, got 4", id="ddpm-image-size-tiny"),
+    pytest.param(with_changes(PADIM_JOB, "padim.kept_channels", 177), "padim.kept_channels",
+                 "must be at most 176, the channels of efficientnet_lite0 stages [1, 2, 3] (24 + 40 + 112), got 177",
+                 id="kept-channels-above-lite0"),
+    pytest.param(with_changes(PADIM_JOB, "padim", {"backbone": "efficientnet_lite2", "stages": [1, 2, 3],
+                                                   "kept_channels": 193}),
+                 "padim.kept_channels", "must be at most 192", id="kept-channels-above-lite2"),
+    pytest.param(with_changes(PADIM_JOB, "padim", {"stages": [4], "kept_channels": 321}), "padim.kept_channels",
+                 "must be at most 320", id="kept-channels-above-stage-4"),
+    pytest.param(with_changes(PADIM_JOB, "padim.backbone", "resnet18"), "padim.backbone",
+                 "expected one of efficientnet_lite0, efficientnet_lite2", id="unknown-backbone"),
+    pytest.param(with_changes(PADIM_JOB, "padim.stages", [1, 5]), "padim.stages", "increasing indices in 0..4",
+                 id="padim-stage-5"),
+    pytest.param(with_changes(DDPM_JOB, "padim", {"kept_channels": 0}), "padim.kept_channels", "must be > 0",
+                 id="padim-checked-in-a-ddpm-job"),
+    # names that become path components, model keys or report sections
+    pytest.param(with_changes(INGEST, "source.categories", ["bottle", "../etc"]), "source.categories[1]",
+                 "'../etc' is not a valid name", id="mvtec-category-path"),
+    pytest.param(with_changes(INGEST, "source.categories", []), "source.categories",
+                 "is an empty list", id="mvtec-categories-empty"),
+    pytest.param(with_changes(INGEST, "source.categories", ["a"] * 1001), "source.categories",
+                 "has 1001 items; a list in a job spec has at most 1000", id="list-too-long"),
+    pytest.param(with_changes(INGEST, "source", {"type": "folder", "uri": "/x", "category": "Line 7"}),
+                 "source.category", "not a valid name", id="folder-category"),
+    pytest.param(with_changes(INGEST, "source", {"type": "elpv", "categories": []}), "source.categories",
+                 "is an empty list", id="elpv-categories-empty"),
+    pytest.param(with_changes(INGEST, "source", {"type": "skimage", "images": []}), "source.images",
+                 "is an empty list", id="skimage-images-empty"),
+    pytest.param(with_changes(PADIM_JOB, "categories", ["a/b"]), "categories[0]", "not a valid name",
+                 id="train-category"),
+    pytest.param(with_changes(DDPM_SMALL, "steps.2.categories", ["Mono"]), "steps[2].categories[0]",
+                 "not a valid name", id="sample-category"),
+    pytest.param(with_changes(SYNTH_JOB, "categories", [".."]), "categories[0]", "not a valid name",
+                 id="synthesize-category"),
+    pytest.param(with_changes(SYNTH_JOB, "foreground.categories", ["bottle", "x/y"]), "foreground.categories[1]",
+                 "not a valid name", id="foreground-category"),
+    pytest.param(with_changes(SCORE_JOB, "outputs.archive", "../line-7"), "outputs.archive", "not a valid name",
+                 id="archive-name"),
+    pytest.param(with_changes(PADIM_JOB, "outputs.model", "models/x"), "outputs.model", "not a valid name",
+                 id="model-name"),
+    pytest.param(with_changes(PIPELINE, "steps.1.name", ".."), "steps[1].name", "not a valid name",
+                 id="step-name-dots"),
+    # unsafe paths (normalize_uri: see test_normalize_uri_refuses_unsafe_paths for every form)
+    pytest.param(with_changes(INGEST, "storage.root", "s3://adpipe/../other"), "storage.root",
+                 "has a '..' path segment: '.' and '..' are not allowed in a storage URI", id="root-dot-dot"),
+    pytest.param(with_changes(SCORE_JOB, "model.uri", "s3://adpipe/models/%2E%2e/x"), "model.uri",
+                 "has a '..' path segment ('%2E%2e' percent-decodes to it)", id="model-uri-encoded-dot-dot"),
+    pytest.param(with_changes(PIPELINE, "steps.1.inputs.dataset", "/data/x?version=2"), "steps[1].inputs.dataset",
+                 "contains a query string ('?')", id="input-query"),
+    pytest.param(with_changes(INGEST, "source.uri", "/data/mvtec\x00/x"), "source.uri",
+                 "contains a control character ('\\x00')", id="source-nul"),
+    pytest.param(with_changes(INGEST, "storage.root", "/data//store"), "storage.root", "empty path segment ('//')",
+                 id="root-empty-segment"),
+    # host:port addresses carry nothing else
+    pytest.param(with_changes(INGEST, "storage.endpoint", "http://127.0.0.1:8333/path"), "storage.endpoint",
+                 "expected http(s)://host:port", id="endpoint-with-path"),
+    pytest.param(with_changes(INGEST, "storage.endpoint", "http://127.0.0.1:8333?x=1"), "storage.endpoint",
+                 "expected http(s)://host:port", id="endpoint-with-query"),
+    pytest.param(with_changes(INGEST, "storage.endpoint", "http://127.0.0.1:99999"), "storage.endpoint",
+                 "expected http(s)://host:port", id="endpoint-port-out-of-range"),
+    pytest.param(with_changes(INGEST, "ray", {"address": "ray://head:10001/x"}), "ray.address", "ray://host:port",
+                 id="ray-address-with-path"),
+    pytest.param(with_changes(INGEST, "ray", {"address": "http://head:8265#x"}), "ray.address", "http://host:8265",
+                 id="ray-address-with-fragment"),
+    # schedule (every field: test_cron_fields)
+    pytest.param(with_changes(INGEST, "schedule", "0 25 * * *"), "schedule",
+                 "'0 25 * * *': hour 25 is out of range 0-23", id="schedule-hour-25"),
+    # a misspelt `kind` is a typo to point at
+    pytest.param(renamed(INGEST, "kind", "knd"), "knd", "unknown key 'knd'; did you mean 'kind'?", id="knd"),
+    pytest.param(renamed(PIPELINE, "kind", "kidn"), "kidn", "did you mean 'kind'?", id="kidn"),
     # the document itself
     pytest.param("- kind: ingest\n- name: x\n", "", "must be a mapping at the top level, got a list",
                  id="top-level-list"),
@@ -501,6 +659,247 @@ def test_spec_error_exit_code():
     assert SpecError("x", "y").exit_code == 2
 
 
+# ---- what a fuzzer found: numbers, paths, cron, YAML and spec files ---------------------------
+
+@pytest.mark.parametrize(("uri", "fragment"), [
+    ("/data/../x", "has a '..' path segment"),
+    ("/data/x/..", "has a '..' path segment"),
+    ("s3://adpipe/..", "has a '..' path segment"),
+    ("s3://adpipe/a/%2e%2e/b", "('%2e%2e' percent-decodes to it)"),
+    ("s3://adpipe/a/%2E%2E/b", "('%2E%2E' percent-decodes to it)"),
+    ("/data/%2e./x", "has a '..' path segment ('%2e.'"),
+    ("file:///data/.%2E/x", "has a '..' path segment ('.%2E'"),
+    ("/data/./x", "has a '.' path segment"),
+    ("/data/%2e/x", "has a '.' path segment"),
+    ("/data/a%2fb", "percent-encodes a '/'"),
+    ("/data/a%00b", "percent-encodes"),
+    ("/data/a%5cb", "percent-encodes"),
+    ("/data/a\x00b", "contains a control character ('\\x00')"),
+    ("/data/a\nb", "contains a control character ('\\n')"),
+    ("/data/x?versionId=2", "contains a query string ('?')"),
+    ("s3://adpipe/x#frag", "contains a fragment ('#')"),
+    ("/data\\x", "contains a backslash"),
+    ("C:\\data\\x", "contains a backslash"),
+    ("/data//x", "has an empty path segment ('//')"),
+    ("s3://adpipe//x", "has an empty path segment"),  # the key "/x", another object than "x"
+    ("s3://adpipe/a//b/", "has an empty path segment"),
+    ("s3://a..b/x", "not a valid bucket name"),
+    ("/" + "x" * 5000, "is 5001 characters long; a storage URI has at most 4096"),
+])
+def test_normalize_uri_refuses_unsafe_paths(uri, fragment):
+    with pytest.raises(SpecError) as caught:
+        normalize_uri(uri, "f")
+    assert caught.value.field == "f" and fragment in caught.value.message, caught.value
+    assert len(str(caught.value)) < 300 and str(caught.value).isprintable()
+
+
+URI_FIELDS = [  # every URI field of the shipped specs, and the few optional ones they leave out
+    (PADIM_JOB, "storage.root"), (PADIM_JOB, "inputs.dataset"), (SCORE_JOB, "model.uri"),
+    (SCORE_JOB, "inputs.dataset"), (EVALUATE_JOB, "inputs.dataset"), (EVALUATE_JOB, "images"),
+    (SYNTH_JOB, "sources.0.model.uri"), (SYNTH_JOB, "sources.1.textures.dataset"),
+    (DEMO_DATA, "steps.4.threshold.validation.dataset"), (DEMO_DATA, "steps.0.source.uri"),
+    (INGEST, "source.uri"), (ingest_job(source={"type": "folder", "uri": "/x"}), "source.uri"),
+]
+
+
+@pytest.mark.parametrize(("base", "path"), URI_FIELDS, ids=[p for _, p in URI_FIELDS])
+def test_every_uri_field_refuses_a_dot_dot_segment(base, path):
+    value = {"dataset": "s3://adpipe/x/../y"} if path == "images" else "s3://adpipe/x/../y"
+    error = spec_error(with_changes(base, path, value))
+    expected = path.replace(".0.", "[0].").replace(".1.", "[1].").replace(".4.", "[4].").replace("steps.0", "steps[0]")
+    assert error.field == (expected + ".dataset" if path == "images" else expected), error
+    assert "'..' path segment" in error.message
+
+
+@pytest.mark.parametrize("expression", [
+    "0 2 * * *", "*/15 * * * 1-5", "0 0 1,15 * *", "30 4 * jan-jun/2 mon-fri", "0 0 * * 7", "0 0 * * SUN",
+    "0-59/5 0-23 1-31 1-12 0-7", "5/15 * * * *", "59 23 31 12 6", "0 0 * * sun-sat", "0  2\t* * *",
+])
+def test_cron_expressions_that_are_valid(expression):
+    assert parse_spec(ingest_job(schedule=expression)).schedule == expression
+
+
+@pytest.mark.parametrize(("expression", "fragment"), [
+    ("60 * * * *", "minute 60 is out of range 0-59"),
+    ("0 24 * * *", "hour 24 is out of range 0-23"),
+    ("0 0 0 * *", "day of month 0 is out of range 1-31"),
+    ("0 0 32 * *", "day of month 32 is out of range 1-31"),
+    ("0 0 * 0 *", "month 0 is out of range 1-12"),
+    ("0 0 * 13 *", "month 13 is out of range 1-12"),
+    ("0 0 * * 8", "day of week 8 is out of range 0-7"),
+    ("0 0 * foo *", "'foo' is not a month (a number or jan-dec)"),
+    ("0 0 * * mon-funday", "'funday' is not a day of week (a number or sun-sat)"),
+    ("0 0 L * *", "'l' is not a day of month (a number)"),
+    ("*/0 * * * *", "minute step 0 must be between 1 and 60"),
+    ("*/61 * * * *", "minute step 61 must be between 1 and 60"),
+    ("0 0 * * 1-7/9", "day of week step 9 must be between 1 and 8"),
+    ("5-1 * * * *", "the minute range 5-1 runs backwards"),
+    ("0 0-30 * * *", "hour 30 is out of range 0-23"),
+    ("1,,2 * * * *", "'' is not a valid minute field"),
+    ("? * * * *", "'?' is not a valid minute field"),
+    ("0 0 * * 1#2", "'1#2' is not a valid day of week field"),
+    ("9999999999 * * * *", "is not a valid minute field"),
+    ("@daily", "not a 5-field cron expression"),
+    ("", "not a 5-field cron expression"),
+])
+def test_cron_fields_are_checked_against_their_ranges(expression, fragment):
+    error = spec_error(ingest_job(schedule=expression)) if expression else spec_error(ingest_job(schedule=" "))
+    assert error.field == "schedule" and fragment in error.message, error
+
+
+def test_every_number_in_a_spec_is_checked_not_only_the_typed_ones():
+    """A float and an int far beyond any field's range, in a field whose own check is only `> 0`."""
+    for value in (float("inf"), 1e30, 2**31, 10**20, 10**400):  # float(10**400) raised OverflowError
+        assert "resources.cpus_per_worker" == spec_error(ingest_job(resources={"cpus_per_worker": value})).field
+    # The same number as YAML text: a 5000-digit literal once raised ValueError from int().
+    text = yaml.safe_dump(ingest_job()).replace("rows_per_part: 128", "rows_per_part: " + "9" * 5000)
+    error = spec_error(text)
+    assert error.field == "" and "a 5000-digit integer is out of range" in error.message and "line 5" in error.message
+
+
+def test_huge_values_are_cut_short_in_messages():
+    for spec in (with_changes(INGEST, "name", "x" * 100_000), with_changes(INGEST, "source.uri", "y" * 100_000),
+                 with_changes(INGEST, "z" * 100_000, 1), with_changes(INGEST, "resources", {"workers": 10**400}),
+                 with_changes(INGEST, "name", 10**400)):
+        error = spec_error(spec)
+        assert len(str(error)) < 400 and str(error).isprintable(), str(error)[:500]
+
+
+def test_a_key_with_a_newline_stays_on_one_line():
+    error = spec_error(with_changes(INGEST, "outputs.ver\nsion", "1"))
+    assert error.field == "outputs.'ver\\nsion'" and str(error).isprintable()
+
+
+def test_backbone_channel_table_matches_timm():
+    """The channel table PaDiM's validation uses (torch-free) against the real timm models."""
+    timm = pytest.importorskip("timm")
+    from pipelines.models.backbone_channels import STAGE_CHANNELS
+    from pipelines.models.backbones import BACKBONES
+
+    assert set(STAGE_CHANNELS) == set(BACKBONES)
+    for name, channels in STAGE_CHANNELS.items():
+        model = timm.create_model(BACKBONES[name].timm_name, pretrained=False, features_only=True,
+                                  out_indices=(0, 1, 2, 3, 4))
+        assert tuple(model.feature_info.channels()) == channels, name
+
+
+def test_kept_channels_may_be_all_of_them():
+    spec = parse_spec(with_changes(PADIM_JOB, "padim.kept_channels", 176))
+    assert spec.steps[0].params.padim.kept_channels == 176
+
+
+def test_spec_validation_imports_no_torch():
+    code = ("import sys; import pipelines.spec, pipelines.models.backbone_channels; "
+            "from pipelines.spec import load_spec_text; "
+            "assert not {'torch', 'ray', 'timm'} & set(sys.modules), sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_loader(request, monkeypatch):
+    """Each YAML check with libyaml's parser (the default) and with PyYAML's own (where libyaml is missing)."""
+    if request.param == "libyaml":
+        if not yaml.__with_libyaml__:
+            pytest.skip("PyYAML without libyaml")
+        monkeypatch.setattr(spec_module, "_SpecLoader", spec_module._LibyamlSpecLoader)
+    else:
+        monkeypatch.setattr(spec_module, "_SpecLoader", spec_module._PythonSpecLoader)
+    return request.param
+
+
+def good_text() -> str:
+    return yaml.safe_dump(ingest_job(), sort_keys=False)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    (good_text() + "name: again\n", "line 14, column 1: duplicate key 'name' (first at line 2); give each key once"),
+    (good_text().replace("  dataset: mvtec\n", "  dataset: mvtec\n  dataset: other\n"),
+     "line 13, column 3: duplicate key 'dataset' (first at line 12)"),
+    ("kind: pipeline\nsteps:\n- name: a\n  kind: describe\n  name: b\n", "line 5, column 3: duplicate key 'name'"),
+    ("kind: x\n1: a\n1.0: b\n", "duplicate key 1.0"),  # equal keys of one dict, whatever their spelling
+    ("[" * 10_000, "nest"),
+    ("{a: " * 10_000, "nested more than 64 levels deep"),
+    ("- " * 10_000, "nested more than 64 levels deep"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")),
+     "more than 10000 values with YAML aliases expanded"),
+    ("kind: ingest\nname: " + "9" * 5000 + "\n", "line 2, column 7: a 5000-digit integer is out of range"),
+    ("kind: ingest\nseed: !!int abc\n", "line 2, column 7: 'abc' is not an integer"),
+    ("kind: ingest\nseed: !!float x\n", "'x' is not a number"),
+    ("kind: ingest\nflag: !!bool maybe\n", "'maybe' is not true/false"),
+    ("kind: ingest\nname: x\x00\n", "is not valid YAML at line 2: the character U+0000 is not allowed"),
+    ("kind: ingest\nname: é\x07\n", "is not valid YAML at line 2: the character U+0007 is not allowed"),
+    ("kind: ingest\n---\nkind: ingest\n", "is not valid YAML at line 2"),
+])
+def test_yaml_that_safe_load_accepts_or_crashes_on(yaml_loader, text, fragment):
+    started = time.perf_counter()
+    error = spec_error(text)
+    assert time.perf_counter() - started < 2
+    assert error.field == "" and fragment in error.message, error
+    assert str(error).isprintable(), str(error)  # one line on the terminal
+
+
+def test_merge_keys_may_override_what_they_merge(yaml_loader):
+    """`<<: *defaults` then a key of its own is not a duplicate key."""
+    spec = load_spec_text(
+        "kind: pipeline\nname: p\nstorage: {root: /data/store}\nsteps:\n"
+        "  - {name: a, kind: ingest, source: {type: skimage}, outputs: {dataset: a},\n"
+        "     resources: &res {workers: 3, batch_size: 8}}\n"
+        "  - {name: b, kind: ingest, source: {type: skimage}, outputs: {dataset: b},\n"
+        "     resources: {<<: *res, workers: 1}}\n")
+    assert [s.params.resources for s in spec.steps] == [ResourcesSpec(workers=3, batch_size=8),
+                                                        ResourcesSpec(workers=1, batch_size=8)]
+
+
+def test_dates_are_text(yaml_loader):
+    """`version: 2026-11-21` is a name; `2026-13-45` raised ValueError from datetime."""
+    text = yaml.safe_dump(ingest_job(description="x"), sort_keys=False)
+    text = text.replace("rows_per_part: 128", "rows_per_part: 128\n  version: 2026-11-21").replace(
+        "description: x", "description: 2026-13-45 25:61:61")
+    spec = load_spec_text(text)
+    assert spec.steps[0].params.outputs.version == "2026-11-21" and spec.description == "2026-13-45 25:61:61"
+    assert load_spec_text(text.replace("version: ", "version: !!timestamp ")).steps[0].params.outputs.version \
+        == "2026-11-21"
+
+
+def test_a_spec_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("kind: ingest\ndescription: café\n".encode("latin-1"))
+    assert spec_error_from_file(path).message == f"{path} is not UTF-8 text: byte 0xe9 at line 2 cannot be " \
+                                                 "decoded (save the file as UTF-8)"
+
+
+@pytest.mark.timeout(30)  # a FIFO opened for reading waits for a writer: a regression hangs here
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    assert spec_error_from_file(fifo).message == f"cannot read spec file {fifo}: it is a FIFO, not a regular file"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_a_device_is_refused(device):
+    assert spec_error_from_file(Path(device)).message == \
+        f"cannot read spec file {device}: it is a character device, not a regular file"
+
+
+def test_a_huge_spec_file_is_refused_without_being_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as file:
+        file.truncate(2 << 20)  # sparse: nothing is written, nothing need be read
+    assert spec_error_from_file(path).message == \
+        f"cannot read spec file {path}: 2097152 bytes is more than a job spec's 1048576 (1 MiB)"
+
+
+@pytest.mark.parametrize(("path", "fragment"), [("", "no spec file given: the path is empty"),
+                                                ("a\x00b.yaml", "cannot read spec file 'a\\x00b.yaml'"),
+                                                ("x" * 5000, "cannot read spec file")])
+def test_odd_spec_paths(path, fragment):
+    message = spec_error_from_file(path).message
+    assert fragment in message and message.isprintable(), message
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 def test_cli_validate_demo(capsys):
@@ -535,6 +934,40 @@ def test_cli_validate_invalid_yaml(tmp_path, capsys):
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "is not valid YAML at line" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["run", str(DEMO), "--run-id", ""],
+                                  ["submit", str(DEMO), "--address", "http://127.0.0.1:1", "--run-id", ""],
+                                  ["run", str(DEMO), "--run-id", "Bad Id"]])
+def test_cli_refuses_an_empty_or_bad_run_id_before_anything_runs(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"adpipe: error: run-id: {argv[-1]!r} is not a valid run id (a-z, 0-9, '.', '_', '-'; at most 128)\n"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda text: text.replace("root: s3://adpipe-demo", "root: s3://adpipe-demo/%2e%2e/other"),
+     "adpipe: error: storage.root: 's3://adpipe-demo/%2e%2e/other' has a '..' path segment ('%2e%2e' "
+     "percent-decodes to it): '.' and '..' are not allowed in a storage URI"),
+    (lambda text: text.replace("kind: pipeline", "knd: pipeline"),
+     "adpipe: error: knd: unknown key 'knd'; did you mean 'kind'?"),
+    (lambda text: text + 'schedule: "0 2 * * 8"\n',
+     "adpipe: error: schedule: '0 2 * * 8': day of week 8 is out of range 0-7"),
+    (lambda text: text.replace("      split_seed: 0\n", "      split_seed: 0\n      split_seed: 1\n"),
+     "adpipe: error: {path} line 23, column 7: duplicate key 'split_seed' (first at line 22); give each key once"),
+    (lambda text: text.replace("kept_channels: 100", "kept_channels: 177"),
+     "adpipe: error: steps[4].padim.kept_channels: must be at most 176, the channels of efficientnet_lite0"),
+    (lambda text: text.replace("cpus_per_worker: 1", "cpus_per_worker: .inf"),
+     "adpipe: error: steps[5].resources.cpus_per_worker: inf is not allowed: numbers in a job spec must be finite"),
+    (lambda text: text.replace("image_size: 256\n      seed", "image_size: 8192\n      seed"),
+     "adpipe: error: steps[4].padim.image_size: must be a multiple of 32 between 32 and 4096 pixels, got 8192"),
+])
+def test_cli_validate_refuses_with_one_line(tmp_path, capsys, change, expected):
+    path = tmp_path / "spec.yaml"
+    path.write_text(change(DEMO.read_text()))
+    assert cli.main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(expected.format(path=path)), err
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml")),

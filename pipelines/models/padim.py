@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.errors import SpecError
+from pipelines.models.backbone_channels import STAGE_CHANNELS
 from pipelines.models.backbones import FeatureExtractor
+from pipelines.spec import check_image_size, check_positive, short_repr
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,28 @@ class PadimConfig:
     covariance_epsilon: float = 0.01
     map_sigma: float = 4.0
     seed: int = 0
+
+    def validate(self, path: str) -> PadimConfig:
+        """The job spec's check (`path` is e.g. `steps[4].padim`), from a table: no backbone is built."""
+        if self.backbone not in STAGE_CHANNELS:
+            raise SpecError(f"{path}.backbone", f"{short_repr(self.backbone)}; expected one of "
+                                                f"{', '.join(STAGE_CHANNELS)}")
+        channels = STAGE_CHANNELS[self.backbone]
+        stages = list(self.stages)
+        if not stages or stages != sorted(set(stages)) or any(s not in range(len(channels)) for s in stages):
+            raise SpecError(f"{path}.stages", f"must be increasing indices in 0..{len(channels) - 1}, "
+                                              f"got {short_repr(stages)}")
+        check_positive(self.kept_channels, f"{path}.kept_channels")
+        total = sum(channels[s] for s in stages)
+        if self.kept_channels > total:  # a subset of the concatenated stage features
+            raise SpecError(f"{path}.kept_channels",
+                            f"must be at most {total}, the channels of {self.backbone} stages {stages} "
+                            f"({' + '.join(str(channels[s]) for s in stages)}), got {self.kept_channels}")
+        check_image_size(self.image_size, f"{path}.image_size", minimum=32, multiple=32)  # stride 32 at stage 4
+        check_positive(self.covariance_epsilon, f"{path}.covariance_epsilon")
+        check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
+        check_positive(self.seed, f"{path}.seed", allow_zero=True)
+        return self
 
 
 class PadimStatistics:

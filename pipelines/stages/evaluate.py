@@ -24,7 +24,7 @@ from pipelines.errors import InputError, SpecError
 from pipelines.evaluation import metrics
 from pipelines.evaluation.report import CategoryReport, CurveData, ExampleImage, render_report
 from pipelines.models.inference import decode_map
-from pipelines.spec import DatasetInputSpec, StepSpec
+from pipelines.spec import DatasetInputSpec, StepSpec, check_positive
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location
 
@@ -41,8 +41,11 @@ class EvaluateParams:
     seed: int = 0
 
     def validate(self, path: str) -> EvaluateParams:
+        prefix = f"{path}." if path else ""
         if not 0.0 < self.fpr_limit <= 1.0:
-            raise SpecError(f"{path}.fpr_limit" if path else "fpr_limit", f"must be in (0, 1], got {self.fpr_limit}")
+            raise SpecError(f"{prefix}fpr_limit", f"must be in (0, 1], got {self.fpr_limit}")
+        for name in ("anomalous_examples", "normal_examples", "seed"):  # 0 examples: none in the report
+            check_positive(getattr(self, name), f"{prefix}{name}", allow_zero=True)
         return self
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipelines import datasets
 from pipelines.errors import InputError, SpecError
-from pipelines.spec import DatasetOutputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_positive
+from pipelines.spec import DatasetOutputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_names, check_positive
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location
 from pipelines.tables import IMAGES_SCHEMA
@@ -43,6 +43,8 @@ class SampleParams:
         check_positive(self.count, f"{prefix}count")
         check_positive(self.steps, f"{prefix}steps")
         check_positive(self.variance_scale, f"{prefix}variance_scale", allow_zero=True)
+        check_positive(self.seed, f"{prefix}seed", allow_zero=True)
+        check_names(self.categories, f"{prefix}categories")
         return self
 
 

@@ -29,7 +29,7 @@ from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.data.sampling import in_fraction
 from pipelines.errors import InputError, SpecError
 from pipelines.spec import (DatasetInputSpec, DatasetOutputSpec, ModelInputSpec, ResourcesSpec, StepSpec,
-                            check_positive)
+                            check_image_size, check_names, check_positive)
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
                                              finished_parts, null_if_nan, select_rows, write_parts_as_completed)
@@ -109,6 +109,10 @@ class ForegroundSpec:
     invert: bool = False  # the object is darker than the background
     categories: tuple[str, ...] | None = None  # only these categories (objects); default every one
 
+    def validate(self, path: str) -> ForegroundSpec:
+        check_names(self.categories, f"{path}.categories")
+        return self
+
 
 @dataclass(frozen=True)
 class SynthesizeParams:
@@ -134,12 +138,14 @@ class SynthesizeParams:
         check_positive(self.per_image, f"{prefix}per_image")
         if not 0.0 < self.sample_fraction <= 1.0:
             raise SpecError(f"{prefix}sample_fraction", f"must be in (0, 1], got {self.sample_fraction}")
-        if self.image_size < 16:
-            raise SpecError(f"{prefix}image_size", f"must be >= 16, got {self.image_size}")
+        check_image_size(self.image_size, f"{prefix}image_size", minimum=16)
+        check_positive(self.seed, f"{prefix}seed", allow_zero=True)
+        check_positive(self.max_image_pixels, f"{prefix}max_image_pixels")
+        check_names(self.categories, f"{prefix}categories")
         if self.outputs.rows_per_part is not None:
             raise SpecError(f"{prefix}outputs.rows_per_part", "does not apply to synthesize: each output part holds "
                             "the anomalies of one input part (so a rerun redoes only the missing parts); remove it")
-        self.perlin.validate(f"{prefix}perlin")
+        self.perlin.validate(f"{prefix}perlin", image_size=self.image_size)  # no more lattice cells than pixels
         return self
 
 
@@ -166,25 +172,27 @@ class SynthesizeBatch:
             artifact = TrainedDetector.load(sdas_model, device=self.device)
             self.sdas = (artifact.models[ALL_CATEGORIES], artifact.config, artifact.info.get("class_names", []))
 
-    def _sdas_samples(self, count: int, categories: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    def _sdas_samples(self, categories: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, list[float]]:
+        """One SDAS sample per row, with its own noise and strength drawn from the row's seed, so
+        that a row's anomaly source does not depend on which rows Ray Data batched with it
+        (RealNet draws one s per training batch; here a "batch" is an accident of scheduling)."""
         import torch
 
         from pipelines.models.ddpm import sample
 
         spec = next(s for s in self.params.sources if s.type == "sdas")
         model, config, class_names = self.sdas
-        rng = np.random.default_rng(seed)
-        strength = float(rng.uniform(*spec.strength))  # one s per batch, as RealNet
+        strengths = [float(np.random.default_rng([seed, 1]).uniform(*spec.strength)) for seed in seeds]
         labels = None
         if config.num_classes:
             missing = sorted({c for c in categories if c not in class_names})
             if missing:
                 raise InputError(f"the SDAS model has no classes {missing} (its classes: {class_names})")
             labels = torch.tensor([class_names.index(c) for c in categories], device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        images = sample(model, config, count, spec.steps, generator, class_labels=labels, variance_scale=strength,
-                        device=self.device)
-        return images, strength
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        images = sample(model, config, len(seeds), spec.steps, generators, class_labels=labels,
+                        variance_scale=strengths, device=self.device)
+        return images, strengths
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.synthesis.recipe import choose_source, row_seed, synthesize_one
@@ -201,14 +209,11 @@ class SynthesizeBatch:
                 seed = row_seed(params.seed, str(image_id), copy)
                 jobs.append((index, copy, choose_source(self.plans, np.random.default_rng(seed)), seed))
         sdas_jobs = [j for j in jobs if j[2].method == "sdas"]
-        sdas_images: dict[tuple[int, int], np.ndarray] = {}
-        strength = None
+        sdas_images: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
         if sdas_jobs:
-            # One seed for the batch's SDAS samples: the batch's rows' seeds, combined.
-            batch_seed = int(np.bitwise_xor.reduce(np.array([j[3] for j in sdas_jobs], np.int64)))
-            samples, strength = self._sdas_samples(len(sdas_jobs), batch["category"][[j[0] for j in sdas_jobs]],
-                                                   batch_seed)
-            sdas_images = {(j[0], j[1]): s for j, s in zip(sdas_jobs, samples)}
+            samples, strengths = self._sdas_samples(batch["category"][[j[0] for j in sdas_jobs]],
+                                                    [j[3] for j in sdas_jobs])
+            sdas_images = {(j[0], j[1]): (s, k) for j, s, k in zip(sdas_jobs, samples, strengths)}
         wanted = params.foreground
         for index, copy, plan, seed in jobs:
             foreground = None
@@ -219,9 +224,10 @@ class SynthesizeBatch:
                 ids, images = self.donors
                 others = [i for i, donor_id in enumerate(ids) if donor_id != batch["image_id"][index]] or [0]
                 donor = images[others[seed % len(others)]]
+            sdas_sample, strength = sdas_images.get((index, copy), (None, None))
             result = synthesize_one(batch["pixels"][index], plan, seed, perlin=params.perlin,
                                     foreground=foreground, textures=self.textures,
-                                    sdas_sample=sdas_images.get((index, copy)), sdas_strength=strength, donor=donor)
+                                    sdas_sample=sdas_sample, sdas_strength=strength, donor=donor)
             self._emit(out, batch, index, f"{batch['image_id'][index]}#synth-{copy}", 1, result.image,
                        result.mask, result.method, result.opacity, result.strength, seed, result.coverage)
         if params.include_normals:

@@ -23,13 +23,13 @@ from pipelines import datasets
 from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.data.sampling import in_fraction
 from pipelines.errors import InputError, SpecError
-from pipelines.models.backbones import BACKBONES
 from pipelines.models.ddpm import DdpmConfig, OptimConfig
 from pipelines.models.inference import score_in_slots, to_tensor
 from pipelines.models.padim import Padim, PadimConfig, PadimStatistics
 from pipelines.models.registry import ALL_CATEGORIES, TrainedDetector
 from pipelines.models.thresholds import calibrate
-from pipelines.spec import DatasetInputSpec, ResourcesSpec, StepSpec, check_name, check_positive
+from pipelines.spec import (DatasetInputSpec, ResourcesSpec, StepSpec, check_image_size, check_name, check_names,
+                            check_positive)
 from pipelines.stages import train_ddpm
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.stages.train_ddpm import DdpmTrainingSpec
@@ -88,21 +88,15 @@ class TrainParams:
     resources: ResourcesSpec = ResourcesSpec()
 
     def validate(self, path: str) -> TrainParams:
+        # `padim` is checked by PadimConfig.validate and `ddpm` / `optim` / `training` by theirs,
+        # whatever the method: a wrong value is an error also where this method ignores it.
+        prefix = f"{path}." if path else ""
+        check_names(self.categories, f"{prefix}categories")
+        check_positive(self.max_image_pixels, f"{prefix}max_image_pixels")
+        # DdpmConfig.validate checks that the U-Net can halve it; the bounds are every image size's.
+        check_image_size(self.ddpm.image_size, f"{prefix}ddpm.image_size", minimum=8)
         if self.method == "ddpm":
             train_ddpm.validate_params(self, path)
-            return self
-        prefix = f"{path}.padim" if path else "padim"
-        config = self.padim
-        if config.backbone not in BACKBONES:
-            raise SpecError(f"{prefix}.backbone", f"{config.backbone!r}; expected one of {', '.join(BACKBONES)}")
-        if not config.stages or list(config.stages) != sorted(set(config.stages)) or \
-                any(s not in range(5) for s in config.stages):
-            raise SpecError(f"{prefix}.stages", f"must be increasing indices in 0..4, got {list(config.stages)}")
-        check_positive(config.kept_channels, f"{prefix}.kept_channels")
-        if config.image_size < 32 or config.image_size % 32:
-            raise SpecError(f"{prefix}.image_size", f"must be a multiple of 32 (>= 32), got {config.image_size}")
-        check_positive(config.covariance_epsilon, f"{prefix}.covariance_epsilon")
-        check_positive(config.map_sigma, f"{prefix}.map_sigma", allow_zero=True)
         return self
 
 

@@ -62,6 +62,7 @@ class DdpmTrainingSpec:
         for name in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
             check_positive(getattr(self, name), f"{path}.{name}")
         check_positive(self.max_failures, f"{path}.max_failures", allow_zero=True)
+        check_positive(self.seed, f"{path}.seed", allow_zero=True)
         if not 0 <= self.max_rotation <= 180:
             raise SpecError(f"{path}.max_rotation", f"must be in [0, 180] degrees, got {self.max_rotation}")
         return self
