@@ -2,7 +2,7 @@
 
 A `Location` is a URI plus the filesystem that serves it; everything adpipe reads or writes goes
 through one. S3 endpoints come from the spec or `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`;
-credentials come from the environment or the standard AWS files (resolved by botocore's chain),
+credentials come from the environment or the standard AWS files (resolved by the AWS SDK in each process),
 never from a spec, and are never printed: error messages name the URI and endpoint only.
 
 Writes are atomic: a local file is written under a temporary name and renamed; an S3 object only
@@ -41,8 +41,6 @@ class S3Settings:
 
 
 def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    import botocore.session
-
     endpoint = settings.resolved_endpoint()
     kwargs: dict[str, Any] = {
         "region": settings.region or os.environ.get("AWS_REGION") or DEFAULT_REGION,
@@ -54,15 +52,11 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme or "https"
-    # Resolve credentials here, with botocore's standard chain (environment, shared credentials and
-    # config files, profiles), so that Ray workers started before the variables were set (or on
-    # other nodes) use the same identity as the driver.
-    credentials = botocore.session.Session().get_credentials()
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-        if frozen.token:
-            kwargs["session_token"] = frozen.token
+    # No keys are given: the AWS SDK inside pyarrow resolves them with the standard chain
+    # (environment, shared credentials and config files, profiles) in each process that uses the
+    # filesystem. A filesystem built with explicit keys carries them when pickled (Ray pickles it
+    # into read tasks and Ray Train workers); one without them pickles as endpoint and region only,
+    # and a Ray worker (on a cluster: with the cluster's identity) finds its own credentials.
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -70,6 +64,8 @@ _FILESYSTEMS: dict[tuple[str, S3Settings], pafs.FileSystem] = {}
 
 
 def filesystem_for(scheme: str, settings: S3Settings) -> pafs.FileSystem:
+    """This process's filesystem for a scheme and S3 settings (built once, with this process's
+    environment: also where an unpickled Location gets its filesystem)."""
     key = (scheme, settings if scheme == "s3" else S3Settings())
     if key not in _FILESYSTEMS:
         _FILESYSTEMS[key] = pafs.LocalFileSystem() if scheme == "file" else _s3_filesystem(settings)
@@ -80,13 +76,23 @@ def filesystem_for(scheme: str, settings: S3Settings) -> pafs.FileSystem:
 class Location:
     """A file or folder in storage: `uri` for people and records, `fs` + `path` for pyarrow.
 
-    The filesystem travels with the location (also when pickled into Ray tasks), so a worker reads
-    with the driver's endpoint and identity. It is left out of repr and comparisons.
+    The filesystem stays in the process that built it (it holds the credentials it resolved) and
+    is left out of repr and comparisons. Pickled (into a Ray task, say), a location is its `uri`
+    and `settings` only; the receiving process builds its own filesystem with `filesystem_for`,
+    from its own environment and AWS files: on a cluster, the cluster's identity. (An embedded
+    Ray's workers inherit the environment the driver had when Ray started.)
     """
 
     uri: str
     fs: pafs.FileSystem = field(compare=False, repr=False)
     settings: S3Settings = S3Settings()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Location._from_pickle, (self.uri, self.settings))
+
+    @classmethod
+    def _from_pickle(cls, uri: str, settings: S3Settings) -> Location:
+        return cls(uri, filesystem_for(uri.split("://", 1)[0], settings), settings)
 
     @classmethod
     def parse(cls, uri: str, settings: S3Settings | None = None) -> Location:
@@ -113,6 +119,11 @@ class Location:
         return posixpath.basename(self.path)
 
     def join(self, *parts: str) -> Location:
+        """A location below this one. Every segment of `parts` is checked, because some come from
+        storage (a manifest's name or part paths) and are not to be trusted: a `..` there must not
+        reach outside the storage root."""
+        for part in parts:
+            check_relative_path(part)
         return Location(posixpath.join(self.uri, *parts), self.fs, self.settings)
 
     def parent(self) -> Location:
@@ -219,6 +230,19 @@ class Location:
         with self._errors("delete"):
             if self.exists():
                 self.fs.delete_file(self.path)
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse a relative path that could point anywhere but below the folder it is joined to:
+    absolute, empty segments, `.` / `..` (also percent-encoded), NUL or backslashes."""
+    segments = path.split("/") if isinstance(path, str) else [None]
+    for segment in segments:
+        unsafe = (segment is None or segment in ("", ".", "..") or "\0" in segment or "\\" in segment
+                  or segment.lower().replace("%2e", ".") in (".", ".."))
+        if unsafe:
+            raise InputError(f"unsafe path {path!r}: path components must not be empty, '.', '..', absolute, "
+                             "or contain NUL or backslashes")
+    return path
 
 
 def _explain(error: OSError) -> str:

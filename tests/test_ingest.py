@@ -155,3 +155,26 @@ def test_ingest_elpv_to_s3_readable_with_plain_pyarrow(ray_session, s3_root):
     assert table.num_rows == 2624 and set(table.column("width").to_pylist()) == {300}
     labels = collections.Counter(table.column("label").to_pylist())
     assert labels == {0: 1508, 1: 715, None: 401}
+
+
+def test_symlinks_out_of_the_source_folder_are_rejected_unless_allowed(ray_session, tmp_path, file_root):
+    source, outside = tmp_path / "line", tmp_path / "elsewhere"
+    write(source / "a.png", png(seed=1))
+    write(outside / "private.png", png(seed=2))
+    write(source / "inside-target.png", png(seed=3))
+    (source / "leak.png").symlink_to(outside / "private.png")
+    (source / "sub").symlink_to(outside)  # a linked folder: listing walks into it
+    (source / "alias.png").symlink_to(source / "inside-target.png")  # stays inside: fine
+    spec = ingest_spec(file_root, {"type": "folder", "uri": str(source)})
+    result = run_job(parse_spec(spec), echo=quiet).results["ingest-test"]
+    folder = Location.parse(result.output)
+    ids = set(datasets.read_table(folder, columns=["image_id"])["image_id"].to_pylist())
+    assert ids == {"a.png", "inside-target.png", "alias.png"}
+    rejected = pq.read_table(folder.join("rejected.parquet").path).to_pylist()
+    assert {r["image_id"] for r in rejected} == {"leak.png", "sub/private.png"}
+    assert all("outside the source folder" in r["reason"] and "follow_symlinks" in r["reason"] for r in rejected)
+
+    spec["source"]["follow_symlinks"] = True
+    spec["outputs"]["dataset"] = "followed"
+    followed = run_job(parse_spec(spec), echo=quiet).results["ingest-test"]
+    assert followed.rows == 5 and followed.rejected == 0

@@ -173,3 +173,18 @@ def test_threshold_f1_max_on_labelled_validation_images(trained_model):
 
     detector = TrainedDetector.load(model_folder)
     assert detector.thresholds["tex"] == calibration["threshold"]
+
+
+def test_a_manifest_named_like_a_path_cannot_place_scores_outside_the_root(trained_model, tmp_path):
+    """The scores folder is named after the archive's manifest, which comes from storage."""
+    root, model = trained_model
+    folder = Location.parse(str(tmp_path)).join("archive", "1")
+    records = [datasets.write_part(folder, 0, image_rows([("a.png", encode(texture(7)), "test", 0)]))]
+    datasets.publish(folder, name="../../escaped", version="1", table="images", schema=IMAGES_SCHEMA,
+                     parts=records, lineage={})
+    before = {p for p in Location.parse(root).list_files()}
+    with pytest.raises(InputError, match=r"names it '../../escaped'.*set outputs.archive"):
+        run_job(parse_spec(score_spec(root, folder.uri, model)), echo=quiet)
+    written = {p for p in Location.parse(root).list_files()} - before
+    assert all("/runs/" in p.uri for p in written), written  # only the failed run's own record
+    assert not (tmp_path.parent / "escaped").exists() and not list(tmp_path.parent.parent.glob("escaped"))

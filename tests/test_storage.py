@@ -102,3 +102,31 @@ def test_location_repr_has_no_credentials(s3_store, s3_root):
     location = Location.parse(s3_root)
     assert s3_store.secret_key not in repr(location)
     assert s3_store.secret_key not in location.describe()
+
+
+@pytest.mark.parametrize("part", ["..", "../../escaped", "a/../b", ".", "", "a//b", "%2e%2e", "%2E%2e/x",
+                                  ".%2e", "a\0b", "a\\..\\b", "/etc/passwd"])
+def test_joining_an_unsafe_path_is_refused(tmp_path, part):
+    root = Location.parse(str(tmp_path))
+    with pytest.raises(InputError, match="unsafe path"):
+        root.join("scores", part)
+
+
+def test_safe_relative_paths_join(tmp_path):
+    root = Location.parse(str(tmp_path))
+    assert root.join("images", "cell0001.png").uri == f"file://{tmp_path}/images/cell0001.png"
+    assert root.join("date=2026-11-21/cam 1.png", "..x").uri.endswith("date=2026-11-21/cam 1.png/..x")
+
+
+def test_a_manifest_listing_parts_outside_its_folder_is_refused(tmp_path):
+    import json
+
+    from pipelines import datasets
+
+    folder = Location.parse(str(tmp_path)).join("datasets", "evil", "1")
+    datasets.publish(folder, name="evil", version="1", table="images", schema=pa.schema([("a", pa.int32())]),
+                     parts=[datasets.PartRecord(path="../../../outside.parquet", rows=1, bytes=1)], lineage={})
+    manifest = datasets.read_manifest(folder)
+    with pytest.raises(InputError, match="unsafe path '../../../outside.parquet'"):
+        datasets.part_locations(folder, manifest)
+    assert json.loads(folder.join("_manifest.json").read_bytes())["name"] == "evil"

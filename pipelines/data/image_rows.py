@@ -28,6 +28,8 @@ def build_image_rows(items: list[SourceItem], max_pixels: int) -> ImageRows:
     missing_masks = 0
     for item in items:
         try:
+            if item.refusal:
+                raise ImageDecodeError(item.refusal)
             data = item.location.read_bytes()
             info = inspect_image(data, max_pixels)
         except (ImageDecodeError, AdpipeError) as error:

@@ -11,7 +11,9 @@ so that ingest can cut them into parts whose names depend only on the input.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -36,6 +38,31 @@ class SourceItem:
     mask_expected: bool = False
     partition: str | None = None
     defect_probability: float | None = None
+    refusal: str | None = None  # why the file is not read (it becomes a rejected row, with this reason)
+
+
+def refuse_links_outside(root: Location, items: list[SourceItem], follow_symlinks: bool) -> list[SourceItem]:
+    """Mark local files that resolve outside `root` (through a symlink) as refused, unless the spec
+    allows following symlinks. Listing follows links, so without this a link in an ingested folder
+    would pull in any file the job can read. Object stores have no links."""
+    if root.scheme != "file" or follow_symlinks:
+        return items
+    base = os.path.realpath(root.path)
+
+    def outside(location: Location) -> str | None:
+        target = os.path.realpath(location.path)
+        return target if os.path.commonpath([base, target]) != base else None
+
+    out = []
+    for item in items:
+        target = outside(item.location)
+        if target is not None:
+            item = dataclasses.replace(item, refusal=f"a symlink to {target}, outside the source folder "
+                                                     "(set source.follow_symlinks: true to ingest it)")
+        elif item.mask is not None and outside(item.mask) is not None:
+            item = dataclasses.replace(item, mask=None)  # counted as a missing mask
+        out.append(item)
+    return out
 
 
 def _relative(base: Location, item: Location) -> str:

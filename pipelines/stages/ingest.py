@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -21,11 +20,12 @@ import ray.data
 from pipelines import datasets
 from pipelines.data.image_rows import build_image_rows
 from pipelines.data.images import DEFAULT_MAX_PIXELS
-from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec, list_skimage
+from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec, list_skimage, refuse_links_outside
 from pipelines.errors import InputError, SpecError
-from pipelines.spec import DatasetOutputSpec, ResourcesSpec, StepSpec, check_positive, normalize_uri
+from pipelines.spec import (DatasetOutputSpec, ResourcesSpec, StepSpec, check_name, check_names, check_positive,
+                            normalize_uri)
 from pipelines.stages.base import StageKind, StepContext, StepResult
-from pipelines.storage import Location, S3Settings
+from pipelines.storage import Location, S3Settings, filesystem_for
 from pipelines.tables import IMAGES_SCHEMA, REJECTED_SCHEMA
 
 REJECTED_NAME = "rejected.parquet"
@@ -36,9 +36,11 @@ class MVTecSource:
     type: Literal["mvtec"]
     uri: str
     categories: tuple[str, ...] | None = None
+    follow_symlinks: bool = False  # local sources: ingest files that symlinks lead to outside `uri`
 
     def validate(self, path: str) -> MVTecSource:
-        return MVTecSource(self.type, normalize_uri(self.uri, f"{path}.uri"), self.categories)
+        check_names(self.categories, f"{path}.categories")  # folder names under the uri
+        return replace(self, uri=normalize_uri(self.uri, f"{path}.uri"))
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,12 @@ class FolderSource:
     uri: str
     category: str | None = None
     split: Literal["train", "test"] = "test"
+    follow_symlinks: bool = False  # local sources: ingest files that symlinks lead to outside `uri`
 
     def validate(self, path: str) -> FolderSource:
-        return FolderSource(self.type, normalize_uri(self.uri, f"{path}.uri"), self.category, self.split)
+        if self.category is not None:  # a category names per-category models and report sections
+            check_name(self.category, f"{path}.category")
+        return replace(self, uri=normalize_uri(self.uri, f"{path}.uri"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class ELPVSource:
     def validate(self, path: str) -> ELPVSource:
         if not 0.0 <= self.normal_train_fraction <= 1.0:
             raise SpecError(f"{path}.normal_train_fraction", f"must be in [0, 1], got {self.normal_train_fraction}")
+        check_names(self.categories, f"{path}.categories")
+        check_positive(self.split_seed, f"{path}.split_seed", allow_zero=True)
         uri = normalize_uri(self.uri, f"{path}.uri") if self.uri else None
         return ELPVSource(self.type, uri, self.categories, self.normal_train_fraction, self.split_seed)
 
@@ -73,6 +80,12 @@ class SkimageSource:
 
     type: Literal["skimage"]
     images: tuple[str, ...] | None = None
+
+    def validate(self, path: str) -> SkimageSource:
+        if self.images is not None and not self.images:
+            raise SpecError(f"{path}.images", "is an empty list: name at least one image, or leave the key out "
+                                              "for the bundled textures")
+        return self
 
 
 @dataclass(frozen=True)
@@ -92,39 +105,43 @@ def list_source(source: MVTecSource | FolderSource | ELPVSource | SkimageSource,
     if isinstance(source, SkimageSource):
         return list_skimage(source.images)
     if isinstance(source, MVTecSource):
-        return list_mvtec(Location.parse(source.uri, settings), source.categories)
+        root = Location.parse(source.uri, settings)
+        return refuse_links_outside(root, list_mvtec(root, source.categories), source.follow_symlinks)
     if isinstance(source, FolderSource):
-        return list_folder(Location.parse(source.uri, settings), source.category, source.split)
+        root = Location.parse(source.uri, settings)
+        return refuse_links_outside(root, list_folder(root, source.category, source.split), source.follow_symlinks)
     root = Location.parse(source.uri, settings) if source.uri else None
     return list_elpv(root, source.categories, source.normal_train_fraction, source.split_seed)
 
 
-# ---- items travel to Ray tasks as JSON; the filesystem travels once, as a task argument ----------
+# ---- items travel to Ray tasks as JSON (no filesystem: each task uses its own) ----------------
 
 def _item_to_json(item: SourceItem) -> dict[str, Any]:
     return {"image_id": item.image_id, "uri": item.location.uri, "category": item.category,
             "split": item.split, "label": item.label, "defect_type": item.defect_type,
             "mask": item.mask.uri if item.mask else None, "mask_expected": item.mask_expected,
-            "partition": item.partition, "defect_probability": item.defect_probability}
+            "partition": item.partition, "defect_probability": item.defect_probability, "refusal": item.refusal}
 
 
-def _item_from_json(data: dict[str, Any], fs: pafs.FileSystem, settings: S3Settings) -> SourceItem:
+def _item_from_json(data: dict[str, Any], settings: S3Settings) -> SourceItem:
+    # This process's own filesystem for the scheme: credentials never travel inside task arguments.
+    fs = filesystem_for(data["uri"].split("://", 1)[0], settings)
     return SourceItem(
         image_id=data["image_id"], location=Location(data["uri"], fs, settings), category=data["category"],
         split=data["split"], label=data["label"], defect_type=data["defect_type"],
         mask=Location(data["mask"], fs, settings) if data["mask"] else None,
         mask_expected=data["mask_expected"], partition=data["partition"],
-        defect_probability=data["defect_probability"],
+        defect_probability=data["defect_probability"], refusal=data["refusal"],
     )
 
 
-def _ingest_part(task: dict[str, Any], *, folder: Location, source_fs: pafs.FileSystem,
-                 source_settings: S3Settings, max_pixels: int) -> dict[str, Any]:
+def _ingest_part(task: dict[str, Any], *, folder: Location, source_settings: S3Settings,
+                 max_pixels: int) -> dict[str, Any]:
     index, fingerprint = int(task["index"]), task["fingerprint"]
     done = datasets.completed_part(folder, index, fingerprint)
     if done is not None:
         return {"index": index, "record": json.dumps(done.__dict__), "skipped": True}
-    items = [_item_from_json(d, source_fs, source_settings) for d in json.loads(task["items"])]
+    items = [_item_from_json(d, source_settings) for d in json.loads(task["items"])]
     built = build_image_rows(items, max_pixels)
     rejected = built.rejected.to_pylist()
     record = datasets.write_part(folder, index, built.images, fingerprint,
@@ -146,11 +163,10 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                       "fingerprint": datasets.fingerprint([chunk, params.max_image_pixels])})
     context.log("ingest listed source", files=len(items), parts=len(tasks), output=folder.uri)
 
-    source_fs = items[0].location.fs
     results = (
         ray.data.from_items(tasks, override_num_blocks=len(tasks))
         .map(_ingest_part,
-             fn_kwargs={"folder": folder, "source_fs": source_fs, "source_settings": items[0].location.settings,
+             fn_kwargs={"folder": folder, "source_settings": items[0].location.settings,
                         "max_pixels": params.max_image_pixels},
              num_cpus=params.resources.cpus_per_worker,
              compute=ray.data.TaskPoolStrategy(size=params.resources.workers))

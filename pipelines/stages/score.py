@@ -26,7 +26,8 @@ from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.models.inference import encode_map, score_in_slots
 from pipelines.models.registry import ModelCard, TrainedDetector
 from pipelines.errors import InputError
-from pipelines.spec import DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_name
+from pipelines.spec import (NAME_PATTERN, NAME_RULE, DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec,
+                            check_name, check_positive)
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
                                              finished_parts, null_if_nan, select_rows, write_parts_as_completed)
@@ -53,6 +54,10 @@ class ScoreParams:
     outputs: ScoreOutputSpec = ScoreOutputSpec()
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     resources: ResourcesSpec = ResourcesSpec(workers=1)
+
+    def validate(self, path: str) -> ScoreParams:
+        check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")
+        return self
 
 
 class ScoreBatch:
@@ -83,7 +88,7 @@ class ScoreBatch:
             # Slots come from the position in the input part: see pipelines.models.inference.
             member_scores, member_maps = score_in_slots(
                 self.detector.models[key], batch["pixels"][members], batch["_seq"][members],
-                self.batch_size, self.device)
+                self.batch_size, self.device, parts=batch["_part"][members])
             scores[members] = member_scores
             thresholds[members] = self.detector.thresholds.get(key, np.nan)
             if self.anomaly_maps:
@@ -129,6 +134,10 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
     model_name = f"{model_folder.parent().name}@{model_folder.name}"
     archive = params.outputs.archive or manifest.name
+    if params.outputs.archive is None and not NAME_PATTERN.match(archive):
+        # The manifest comes from storage, not from the validated spec: its name is untrusted.
+        raise InputError(f"{images.uri}: the dataset's manifest names it {archive!r}, which cannot name a "
+                         f"scores folder ({NAME_RULE}); set outputs.archive in the spec")
     folder = context.root.join("scores", archive, model_name, context.run_id)
     scored_at = datetime.datetime.strptime(context.record.status["started_at"], "%Y-%m-%dT%H:%M:%SZ") \
         .replace(tzinfo=datetime.timezone.utc)
