@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipelines.errors import AdpipeError, InputError
+from pipelines.errors import AdpipeError, InputError, RunInterrupted
 from pipelines.storage import Location
 
 ROOT_ENV = "ADPIPE_STORAGE_ROOT"
@@ -42,12 +42,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.spec import load_spec
 
     spec = load_spec(args.spec)
-    if args.run_id:
+    if args.run_id is not None:  # `--run-id ''` is a mistake to refuse, not "no run id"
         check_run_id(args.run_id)
     address = args.ray_address or spec.ray.address
     if address.startswith("http"):
         return _submit(spec, address, args.run_id, wait=True)
-    run_job(spec, run_id=args.run_id, ray_address=args.ray_address)
+    run_job(spec, run_id=args.run_id, ray_address=args.ray_address, handle_sigterm=True)
     return 0
 
 
@@ -70,13 +70,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.spec import load_spec
 
     spec = load_spec(args.spec)
-    if args.run_id:
+    if args.run_id is not None:  # `--run-id ''` is a mistake to refuse, not "no run id"
         check_run_id(args.run_id)
     return _submit(spec, args.address, args.run_id, args.wait)
 
 
 def _print_status(status: dict) -> None:
-    print(f"run {status['run_id']}: {status['state']} (job {status['name']!r}, kind {status['kind']}, "
+    state = status.get("effective_state", status["state"])
+    if state == "abandoned":
+        owner = status.get("owner") or {}
+        state = (f"abandoned (recorded as running, but its process pid {owner.get('pid')} on {owner.get('host')} "
+                 "is gone or stopped renewing its lease; a rerun with this run id takes it over)")
+    print(f"run {status['run_id']}: {state} (job {status['name']!r}, kind {status['kind']}, "
           f"attempt {status.get('attempt', 1)}, started {status['started_at']}"
           + (f", finished {status['finished_at']})" if status.get("finished_at") else ")"))
     if status.get("error"):
@@ -140,7 +145,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for status in runs:
         steps = status.get("steps", {})
         done = sum(1 for s in steps.values() if s.get("state") in ("succeeded", "skipped"))
-        print(f"{status['run_id']:<48} {status['state']:<10} {status['started_at']}  steps {done}/{len(steps)}")
+        state = status.get("effective_state", status["state"])
+        print(f"{status['run_id']:<48} {state:<10} {status['started_at']}  steps {done}/{len(steps)}")
     return 0
 
 
@@ -194,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adpipe: interrupted", file=sys.stderr)
         return 130
+    except RunInterrupted as error:
+        print(f"adpipe: interrupted by {error.signal_name}", file=sys.stderr)
+        return 143
     except Exception as error:  # a bug: one line for the user, the traceback on request
         if args.debug:
             raise

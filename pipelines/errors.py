@@ -31,12 +31,22 @@ class InputError(AdpipeError):
 
 
 class StorageError(AdpipeError):
-    """Object storage refused or failed an operation (bad endpoint, credentials, missing bucket)."""
+    """Object storage refused or failed an operation (unreachable endpoint, credentials, missing
+    bucket): an infrastructure failure (exit 1), not bad input; the same command may work later."""
 
-    exit_code = 2
+    exit_code = 1
 
 
 class JobFailed(AdpipeError):
     """A job ran and failed."""
 
     exit_code = 1
+
+
+class RunInterrupted(BaseException):
+    """Raised in the driver by SIGTERM (`orchestrator.raise_on_sigterm`): a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it (exit 143)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

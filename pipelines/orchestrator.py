@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.datasets import fingerprint
-from pipelines.errors import AdpipeError, JobFailed
+from pipelines.errors import AdpipeError, JobFailed, RunInterrupted
 from pipelines.runs import RunRecord, new_run_id
 from pipelines.spec import JobSpec, RaySpec, StepSpec, spec_to_data, step_references
 from pipelines.stages.registry import STAGE_KINDS, StepContext, StepResult
@@ -52,8 +52,22 @@ def spec_fingerprint(spec: JobSpec) -> str:
 
 
 @contextmanager
-def ray_runtime(ray_spec: RaySpec, address_override: str | None = None) -> Iterator[None]:
-    """Join the Ray the spec names, or start an embedded one; leave an existing session alone."""
+def ray_runtime(ray_spec: RaySpec, address_override: str | None = None, *,
+                log_to_driver: bool | None = None) -> Iterator[None]:
+    """Join the Ray the spec names, or start an embedded one; leave an existing session alone.
+
+    An embedded Ray (`address: local`) listens on loopback only. Ray binds the servers of a node
+    (GCS, raylet, the core worker of the driver and of every worker, dashboard and runtime-env
+    agents, metrics exporters) to 127.0.0.1 only when the node's IP is loopback; otherwise to all
+    interfaces or to the node's outward IP. `_node_ip_address="127.0.0.1"` alone is not enough on
+    Linux: Ray 2.60 swaps a loopback node address for the outward one
+    (`ray._private.services.resolve_ip_for_localhost` -> `get_node_ip_address`) unless
+    `ray_constants.ENABLE_RAY_CLUSTER` is false, as it is by default on macOS and Windows (from
+    $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read when ray is imported, which it already is here). It is
+    made false while the node starts (its processes get the address on their command lines), and
+    the outcome is checked. Cluster runs keep Ray's defaults, token authentication included.
+    `log_to_driver` defaults to $ADPIPE_RAY_LOG_TO_DRIVER (1).
+    """
     import ray
 
     if ray.is_initialized():
@@ -62,20 +76,39 @@ def ray_runtime(ray_spec: RaySpec, address_override: str | None = None) -> Itera
     address = address_override or ray_spec.address
     if address.startswith("http"):
         raise AdpipeError(f"ray.address {address!r} is a Ray Jobs API address: use 'adpipe submit'")
-    kwargs: dict[str, Any] = {"log_to_driver": os.environ.get("ADPIPE_RAY_LOG_TO_DRIVER", "1") == "1",
-                              "configure_logging": False}
+    if log_to_driver is None:
+        log_to_driver = os.environ.get("ADPIPE_RAY_LOG_TO_DRIVER", "1") == "1"
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "configure_logging": False}
     if address == "local":
+        from ray._private import ray_constants
+
         # address="local" always starts a new embedded instance; without it ray.init() would join
         # whatever cluster /tmp/ray/ray_current_cluster or $RAY_ADDRESS points at.
+        loopback = "127.0.0.1"
         kwargs.update(address="local", num_cpus=ray_spec.num_cpus, num_gpus=ray_spec.num_gpus,
-                      include_dashboard=False)
+                      include_dashboard=False, _node_ip_address=loopback)
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(**kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != loopback:
+            ray.shutdown()
+            raise RuntimeError(f"the embedded Ray came up on {node_ip}, not on {loopback}: this Ray "
+                               "version resolves node addresses differently (see ray_runtime)")
     else:
         kwargs["address"] = address
-    ray.init(**kwargs)
+        ray.init(**kwargs)
     # Our own summaries say what happened; Ray Data's progress bars would interleave with them.
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("ADPIPE_PROGRESS", "0") == "1"
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = os.environ.get("ADPIPE_PROGRESS", "0") == "1"
+    # A failing UDF's own exception, not Ray Data's UserCodeException: the wrapper crosses the
+    # process boundary without its __cause__, and the cause (e.g. a StorageError) is what to report.
+    data_context.raise_original_map_exception = True
     try:
         yield
     finally:
@@ -91,9 +124,61 @@ def already_published(step: StepSpec, context: StepContext, previous: dict[str, 
     return record.read_json().get("lineage", {}).get("step_fingerprint") == context.fingerprint
 
 
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into RunInterrupted, so a terminated run records that it failed and why.
+    (Main thread only; the CLI asks for it through `run_job(handle_sigterm=True)`.)"""
+    import signal
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error that started it all: Ray wraps a task's exception (RayTaskError, UserCodeException,
+    Ray Data's own wrappers); the innermost cause is what the user needs to see (e.g. the decode
+    task's read error), and an AdpipeError there keeps its exit code."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = error.__cause__
+        module = type(error).__module__ or ""
+        if inner is None or not (module.startswith("ray") or isinstance(inner, AdpipeError)):
+            break
+        error = inner
+    return error
+
+
+def _record_failure(record: RunRecord, step: str | None, seconds: float, message: str,
+                    detail: str | None) -> str:
+    """Write the failure into the run record and release the lease. If the store itself is what
+    failed, the record cannot be written: the traceback goes to a local file instead, and the
+    first error (not this later one) is what the user sees. Returns where the traceback is."""
+    where = record.folder.join("error.txt").uri
+    try:
+        if step is not None:
+            record.step_failed(step, seconds, message)
+        record.finish(error=message, detail=detail)
+    except AdpipeError as unwritable:
+        import tempfile
+
+        fallback = os.path.join(tempfile.gettempdir(), f"adpipe-{record.run_id}-error.txt")
+        with open(fallback, "w") as out:
+            out.write(f"{message}\n\n{detail or ''}\nthe run record could not be written: {unwritable}\n")
+        where = fallback
+        log.warning("could not record the failure of run %s: %s", record.run_id, unwritable)
+    return where
+
+
 def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = None,
-            echo: Any = print) -> RunOutcome:
-    """Run every step of `spec`; raise JobFailed (exit 1) or an input/spec error (exit 2)."""
+            echo: Any = print, handle_sigterm: bool = False) -> RunOutcome:
+    """Run every step of `spec`; raise JobFailed (exit 1) or an input/spec error (exit 2).
+
+    Any error ends the run as "failed" in its record, with the first error's message (the root
+    cause of a Ray task's failure, not a later error while recording it)."""
     root = storage_root(spec)
     run_id = run_id or new_run_id(spec.name)
     record = RunRecord.start(root, run_id, spec, spec_fingerprint(spec))
@@ -104,8 +189,11 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
     started = time.monotonic()
     try:
         with ray_runtime(spec.ray, ray_address):
+            if handle_sigterm:
+                raise_on_sigterm()  # after ray.init: Ray's driver installs a SIGTERM handler that aborts
             for step in spec.steps:
                 current = step.name
+                record.check_lease()
                 previous = dict(record.step_state(step.name))
                 context = StepContext(run_id=run_id, step=step, root=root,
                                       fingerprint=step_fingerprint(step, step_outputs),
@@ -131,20 +219,22 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
                 outcome.results[step.name] = result
                 if result.output:
                     step_outputs[step.name] = result.output
-    except AdpipeError as error:
-        if current is not None:
-            record.step_failed(current, time.monotonic() - started, str(error))
-        record.finish(error=str(error))
-        raise
-    except Exception as error:  # a bug or an infrastructure failure: keep the traceback in the record
-        first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-        message = f"{type(error).__name__}: {first_line}"
-        if current is not None:
-            record.step_failed(current, time.monotonic() - started, message)
-        record.finish(error=message, detail=traceback.format_exc())
+    except BaseException as raised:
+        error = root_cause(raised)
+        if isinstance(error, AdpipeError):
+            message, detail = str(error), None
+        elif isinstance(error, (KeyboardInterrupt, RunInterrupted)):
+            message, detail = f"interrupted ({error.signal_name if isinstance(error, RunInterrupted) else 'SIGINT'})", None
+        else:  # a bug or an infrastructure failure: keep the traceback in the record
+            first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+            message, detail = f"{type(error).__name__}: {first_line}", traceback.format_exc()
+        kept = _record_failure(record, current, time.monotonic() - started, message, detail)
+        if isinstance(error, AdpipeError):
+            raise error from (raised if error is not raised else None)
+        if not isinstance(error, Exception):
+            raise
         where = f"in step {current!r}" if current else "before its first step"
-        raise JobFailed(f"run {run_id} failed {where}: {message} "
-                        f"(traceback in {record.folder.join('error.txt').uri})") from error
+        raise JobFailed(f"run {run_id} failed {where}: {message} (traceback in {kept})") from raised
     record.finish()
     echo(f"run {run_id} succeeded")
     return outcome

@@ -35,15 +35,19 @@ def s3_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_store):
+    """The embedded Ray of `adpipe run` (`ray_runtime`: loopback only), for the whole session.
+
+    It depends on `s3_store` so that the S3 endpoint and credentials are in os.environ before Ray
+    starts: workers inherit the environment Ray started with, and a Location unpickled in a worker
+    builds its filesystem from that environment (no credentials travel with task arguments)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    import ray.data
+    from pipelines.orchestrator import ray_runtime
+    from pipelines.spec import RaySpec
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    with ray_runtime(RaySpec(address="local", num_cpus=2), log_to_driver=False):
+        yield ray
 
 
 @pytest.fixture

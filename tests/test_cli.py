@@ -95,6 +95,17 @@ def test_bad_spec_and_bad_input_exit_2_with_a_message(tmp_path, file_root):
     assert unknown_run.returncode == 2 and "no run 'no-such-run'" in unknown_run.stderr
 
 
+def test_an_empty_run_id_is_refused_before_anything_runs(tmp_path, file_root):
+    """`--run-id ''` once meant "no run id" (`if args.run_id:`) and started a run under a new one."""
+    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, tmp_path / "images", rows_per_part=2))
+    for command in (["run", str(spec), "--run-id", ""],
+                    ["submit", str(spec), "--address", "http://127.0.0.1:1", "--run-id", ""]):
+        done = adpipe(*command, timeout=120)
+        assert (done.returncode, done.stderr) == (2, "adpipe: error: run-id: '' is not a valid run id "
+                                                     "(a-z, 0-9, '.', '_', '-'; at most 128)\n"), done.stderr
+    assert not Path(file_root[len("file://"):]).exists(), "nothing may be written for a refused run"
+
+
 def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, file_root):
     images = tmp_path / "images"
     images.mkdir()
@@ -115,9 +126,62 @@ def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, fil
     assert written >= 3, "the run should have been killed part-way"
     assert not (dataset / "_manifest.json").exists(), "a killed run must not publish"
 
+    # The record still says "running"; its owner is gone, so status and list say abandoned.
+    status = adpipe("status", "kill-run", "--root", file_root)
+    assert status.returncode == 0 and "run kill-run: abandoned" in status.stdout, status.stdout
+    assert f"pid {process.pid}" in status.stdout
+    listing = adpipe("list", "--root", file_root)
+    assert any(line.split()[:2] == ["kill-run", "abandoned"] for line in listing.stdout.splitlines()), listing.stdout
+
     rerun = adpipe("run", str(spec), "--run-id", "kill-run")
     assert rerun.returncode == 0, rerun.stderr
     assert "already done" in rerun.stdout  # finished parts were reused, not redone
+    events = adpipe("logs", "kill-run", "--root", file_root).stdout
+    assert "run taken over" in events
+    assert "run kill-run: succeeded" in adpipe("status", "kill-run", "--root", file_root).stdout
     table = datasets.read_table(Location.parse(f"file://{dataset}"))
     ids = table.column("image_id").to_pylist()
     assert len(ids) == 240 and len(set(ids)) == 240
+
+
+def test_a_terminated_run_records_that_it_failed_and_why(tmp_path, file_root):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(120):
+        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8), "L").save(images / f"{i:03d}.png")
+    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, images, rows_per_part=4, workers=1))
+    dataset = Path(file_root[len("file://"):]) / "datasets" / "imgs" / "term-run"
+    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
+    process = subprocess.Popen([*ADPIPE, "run", str(spec), "--run-id", "term-run"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((dataset / "_parts").glob("*.json")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "interrupted by SIGTERM" in stderr, stderr
+    status = adpipe("status", "term-run", "--root", file_root).stdout
+    assert "run term-run: failed" in status and "interrupted (SIGTERM)" in status, status
+    assert not (Path(file_root[len("file://"):]) / "runs" / "term-run" / "lease.json").exists()
+
+
+def test_a_second_run_of_a_run_id_in_progress_is_refused(tmp_path, file_root):
+    """While another process holds the run's lease (here: this test process), `adpipe run` of the
+    same run id refuses with exit 75 and one line, and starts nothing."""
+    from pipelines.runs import Lease
+
+    images = tmp_path / "images"
+    write(images / "a.png", png())
+    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, images, rows_per_part=2))
+    lease = Lease(Location.parse(file_root).join("runs", "busy-run"))
+    lease.acquire("busy-run")
+    try:
+        second = adpipe("run", str(spec), "--run-id", "busy-run")
+    finally:
+        lease.release()
+    assert second.returncode == 75, second.stderr
+    assert f"run 'busy-run' is being run by pid {os.getpid()}" in second.stderr and "another run id" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert not (Path(file_root[len("file://"):]) / "runs" / "busy-run" / "status.json").exists()
+    assert adpipe("run", str(spec), "--run-id", "busy-run").returncode == 0  # once it is free

@@ -129,14 +129,16 @@ def object_store(keep: bool = False) -> Iterator[dict]:
 @contextlib.contextmanager
 def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator[int]:
     """One embedded Ray (`address="local"`, all cores by default); shut down on the way out."""
-    import ray
     import ray.data
 
     num_cpus = num_cpus or os.cpu_count() or 1
     started = time.monotonic()
     previous_handler = signal.getsignal(signal.SIGTERM)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=ray_logs)
+    from pipelines.orchestrator import ray_runtime
+    from pipelines.spec import RaySpec
+
+    embedded = contextlib.ExitStack()  # the product's embedded Ray: loopback only, same settings
+    embedded.enter_context(ray_runtime(RaySpec(address="local", num_cpus=num_cpus), log_to_driver=ray_logs))
     # Ray's core worker installs a native SIGTERM handler that ends the process on the spot; ours
     # raises SystemExit instead, so that Ray and the S3 server are shut down by the finally blocks.
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
@@ -147,7 +149,7 @@ def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator
         yield num_cpus
     finally:
         with contextlib.suppress(Exception):
-            ray.shutdown()
+            embedded.close()
         signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
         log("Ray stopped")
 
