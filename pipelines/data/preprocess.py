@@ -17,14 +17,24 @@ from pipelines.data.images import DEFAULT_MAX_PIXELS, inspect_image
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
+    # Integer and float32 arithmetic, in place where possible: float64 copies of a large 16-bit
+    # image cost 8 bytes a pixel each (see DECODE_BYTES_PER_PIXEL).
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        array = np.asarray(image).astype(np.int32 if image.mode == "I" else np.uint32)  # 65535 * 255 fits
+        peak = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
+        np.clip(array, 0, peak, out=array)
+        array *= 255
+        array += peak // 2
+        array //= peak  # round(value / peak * 255)
+        image = Image.fromarray(array.astype(np.uint8), "L")
     elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        span = max(array.max() - array.min(), 1e-12)
-        image = Image.fromarray(((array - array.min()) / span * 255.0 + 0.5).astype(np.uint8), "L")
+        array = np.asarray(image, dtype=np.float32).copy()
+        low = float(array.min())
+        span = max(float(array.max()) - low, 1e-12)
+        array -= low
+        array *= 255.0 / span
+        array += 0.5
+        image = Image.fromarray(array.astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
