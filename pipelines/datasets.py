@@ -129,10 +129,6 @@ def read_manifest(folder: Location, table: str | None = None) -> Manifest:
     return manifest
 
 
-def find_manifest(folder: Location) -> Manifest | None:
-    return read_manifest(folder) if folder.join(MANIFEST_NAME).exists() else None
-
-
 def part_locations(folder: Location, manifest: Manifest) -> list[Location]:
     return [folder.join(p.path) for p in manifest.parts]
 

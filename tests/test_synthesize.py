@@ -109,7 +109,9 @@ def test_masks_match_changed_pixels_with_provenance_and_the_same_spec_gives_the_
     summary = Location.parse(f"{root}/runs/synth-a/steps/synth/synthesis_summary.json").read_json()
     assert summary["synthetic"] == 48 and sum(summary["per_source"].values()) == 48
     for picture in ("contact_sheet.png", "coverage.png"):
-        assert Image.open(io.BytesIO(Location.parse(f"{root}/runs/synth-a/steps/synth/{picture}").read_bytes()))
+        with Image.open(io.BytesIO(Location.parse(f"{root}/runs/synth-a/steps/synth/{picture}").read_bytes())) as image:
+            image.load()  # a real, complete PNG
+            assert image.format == "PNG" and min(image.size) >= 64
 
 
 def test_sdas_source_from_a_real_ddpm_artifact(brick_dataset, tmp_path):

@@ -12,7 +12,6 @@ stage), and its preprocessing (input normalisation) travels with it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -140,5 +139,3 @@ class FeatureExtractor(nn.Module):
         """images: (B, 3, H, W) float in [0, 1] -> one (B, C_i, H/s_i, W/s_i) map per stage."""
         return self.model(((images - self.mean) / self.std).contiguous(memory_format=self.memory_format))
 
-
-BackboneFactory = Callable[[str, tuple[int, ...]], FeatureExtractor]
