@@ -60,3 +60,26 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def archive_table(entries: list[tuple[str, bytes, str, str, int | None]]):
+    """Images-table rows from (image_id, bytes, category, split, label), as another system would
+    write them: the schema only, no ingest-time checks (width/height unknown: 0)."""
+    import pyarrow as pa
+
+    from pipelines.tables import IMAGES_SCHEMA
+
+    return pa.Table.from_pylist([{"image_id": i, "image": d, "category": c, "split": s, "label": label,
+                                  "width": 0, "height": 0, "source_uri": f"test://{i}"}
+                                 for i, d, c, s, label in entries], schema=IMAGES_SCHEMA)
+
+
+def publish_archive(folder, parts: list[list[tuple[str, bytes, str, str, int | None]]]):
+    """An images dataset of these parts at `folder` (a Location), published through a manifest."""
+    from pipelines import datasets
+    from pipelines.tables import IMAGES_SCHEMA
+
+    records = [datasets.write_part(folder, i, archive_table(part)) for i, part in enumerate(parts)]
+    datasets.publish(folder, name=folder.parent().name, version=folder.name, table="images",
+                     schema=IMAGES_SCHEMA, parts=records, lineage={})
+    return folder

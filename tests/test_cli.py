@@ -45,6 +45,23 @@ def folder_pipeline(root: str, images: Path, rows_per_part: int, workers: int = 
     }
 
 
+def slow_folder_job(tmp_path: Path, file_root: str, run_id: str, count: int, seed: int) -> tuple[Path, Path]:
+    """A folder ingest slow enough to interrupt: noise compresses badly, so each file takes real
+    time to decode. Returns the spec and the folder its dataset will be written to."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8), "L").save(images / f"{i:03d}.png")
+    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, images, rows_per_part=4, workers=1))
+    return spec, Path(file_root[len("file://"):]) / "datasets" / "imgs" / run_id
+
+
+def start_run(spec: Path, run_id: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
+    return subprocess.Popen([*ADPIPE, "run", str(spec), "--run-id", run_id], cwd=REPO, env=env, **popen)
+
+
 def test_run_status_logs_list_and_rerun(tmp_path, file_root):
     images = tmp_path / "images"
     for i in range(5):
@@ -107,16 +124,9 @@ def test_an_empty_run_id_is_refused_before_anything_runs(tmp_path, file_root):
 
 
 def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, file_root):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(240):  # noise compresses badly: each file takes real time to decode
-        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8), "L").save(images / f"{i:03d}.png")
-    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, images, rows_per_part=4, workers=1))
-    dataset = Path(file_root[len("file://"):]) / "datasets" / "imgs" / "kill-run"
-    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
-    process = subprocess.Popen([*ADPIPE, "run", str(spec), "--run-id", "kill-run"], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    spec, dataset = slow_folder_job(tmp_path, file_root, "kill-run", count=240, seed=0)
+    process = start_run(spec, "kill-run", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((dataset / "_parts").glob("*.json"))) < 3:
         time.sleep(0.05)
@@ -145,16 +155,8 @@ def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, fil
 
 
 def test_a_terminated_run_records_that_it_failed_and_why(tmp_path, file_root):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(120):
-        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8), "L").save(images / f"{i:03d}.png")
-    spec = write_spec(tmp_path / "job.yaml", folder_pipeline(file_root, images, rows_per_part=4, workers=1))
-    dataset = Path(file_root[len("file://"):]) / "datasets" / "imgs" / "term-run"
-    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
-    process = subprocess.Popen([*ADPIPE, "run", str(spec), "--run-id", "term-run"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec, dataset = slow_folder_job(tmp_path, file_root, "term-run", count=120, seed=1)
+    process = start_run(spec, "term-run", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((dataset / "_parts").glob("*.json")):
         time.sleep(0.05)

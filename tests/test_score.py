@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from imagefiles import corrupt_png, encode, jpeg, png, truncated_png
+from imagefiles import archive_table, corrupt_png, encode, jpeg, png, publish_archive, truncated_png
 from pipelines import datasets
 from pipelines.errors import InputError
 from pipelines.orchestrator import run_job
@@ -35,17 +35,12 @@ def texture(seed: int, size=(80, 80), defect: bool = False) -> Image.Image:
 
 
 def image_rows(entries: list[tuple[str, bytes, str, int | None]]) -> pa.Table:
-    rows = [{"image_id": image_id, "image": data, "category": "tex", "split": split, "label": label,
-             "width": 0, "height": 0, "source_uri": f"test://{image_id}"} for image_id, data, split, label in entries]
-    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+    return archive_table([(i, d, "tex", split, label) for i, d, split, label in entries])
 
 
 def publish_images(folder: Location, parts: list[list[tuple[str, bytes, str, int | None]]]) -> Location:
-    """An archive written by some other system: same schema, no ingest-time checks."""
-    records = [datasets.write_part(folder, i, image_rows(p)) for i, p in enumerate(parts)]
-    datasets.publish(folder, name=folder.parent().name, version=folder.name, table="images",
-                     schema=IMAGES_SCHEMA, parts=records, lineage={})
-    return folder
+    """An archive written by some other system (category "tex"): same schema, no ingest-time checks."""
+    return publish_archive(folder, [[(i, d, "tex", split, label) for i, d, split, label in p] for p in parts])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from imagefiles import encode
+from imagefiles import encode, publish_archive
 from pipelines import datasets
 from pipelines.data.preprocess import decode_rgb
 from pipelines.models.inference import score_in_slots
@@ -22,7 +22,6 @@ from pipelines.models.registry import TrainedDetector
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
 from pipelines.storage import Location
-from pipelines.tables import IMAGES_SCHEMA
 
 pytestmark = pytest.mark.integration
 PART_SIZES = (1, 3, 4, 7, 8, 256, 1)
@@ -45,24 +44,11 @@ def cell(seed: int, category: str, defect: bool = False) -> bytes:
     return encode(Image.fromarray(base.clip(0, 255).astype(np.uint8), "L"))
 
 
-def rows(entries: list[tuple[str, bytes, str, str, int | None]]) -> pa.Table:
-    return pa.Table.from_pylist([{"image_id": i, "image": d, "category": c, "split": s, "label": label,
-                                  "width": 72, "height": 72, "source_uri": f"test://{i}"}
-                                 for i, d, c, s, label in entries], schema=IMAGES_SCHEMA)
-
-
-def publish(folder: Location, parts: list[list[tuple[str, bytes, str, str, int | None]]]) -> Location:
-    records = [datasets.write_part(folder, i, rows(p)) for i, p in enumerate(parts)]
-    datasets.publish(folder, name=folder.parent().name, version=folder.name, table="images",
-                     schema=IMAGES_SCHEMA, parts=records, lineage={})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def setup(ray_session, tmp_path_factory):
     root = f"file://{tmp_path_factory.mktemp('geometry')}"
     train = [(f"train/{c}{i}.png", cell(i, c), c, "train", 0) for c in "ab" for i in range(16)]
-    images = publish(Location.parse(root).join("datasets", "train", "1"), [train])
+    images = publish_archive(Location.parse(root).join("datasets", "train", "1"), [train])
     spec = parse_spec({"kind": "train", "name": "fit", "storage": {"root": root}, "method": "padim",
                        "inputs": {"dataset": images.uri}, "outputs": {"model": "padim-geo"},
                        "padim": {"backbone": "efficientnet_lite0", "stages": [1, 2], "kept_channels": 16,
@@ -78,7 +64,7 @@ def setup(ray_session, tmp_path_factory):
                          "test", int(index % 5 == 0)))
             index += 1
         parts.append(part)
-    archive = publish(Location.parse(root).join("datasets", "archive", "1"), parts)
+    archive = publish_archive(Location.parse(root).join("datasets", "archive", "1"), parts)
     table = datasets.read_table(archive)
     detector = TrainedDetector.load(Location.parse(model))
     alone = {}
