@@ -16,7 +16,8 @@ ROOT_ENV = "ADPIPE_STORAGE_ROOT"
 
 def _root(args: argparse.Namespace) -> Location:
     from pipelines.orchestrator import storage_root
-    from pipelines.spec import load_spec, normalize_uri
+    from pipelines.spec import load_spec
+    from pipelines.spec_fields import normalize_uri
 
     if args.root:
         return Location.parse(normalize_uri(args.root, "--root"))

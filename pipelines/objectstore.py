@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def create_buckets(store: ObjectStore, buckets: list[str]) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def start(state_dir: Path, buckets: list[str] = ()) -> ObjectStore:
+def start(state_dir: Path, buckets: Sequence[str] = ()) -> ObjectStore:
     """Start a SeaweedFS server with S3 on loopback; its files live under `state_dir`."""
     state_dir = Path(state_dir)
     data_dir = state_dir / "data"

@@ -19,7 +19,8 @@ from typing import Any
 from pipelines.datasets import fingerprint
 from pipelines.errors import AdpipeError, JobFailed, RunInterrupted
 from pipelines.runs import RunRecord, new_run_id
-from pipelines.spec import JobSpec, RaySpec, StepSpec, spec_to_data, step_references
+from pipelines.spec import JobSpec, StepSpec, spec_to_data
+from pipelines.spec_fields import RaySpec, step_references
 from pipelines.stages.registry import STAGE_KINDS, StepContext, StepResult
 from pipelines.storage import Location, S3Settings
 
@@ -46,7 +47,6 @@ def step_fingerprint(step: StepSpec, step_outputs: dict[str, str]) -> str:
 def spec_fingerprint(spec: JobSpec) -> str:
     data = spec_to_data(spec)
     data.pop("ray", None)  # where it runs does not change what it produces
-    data.pop("schedule", None)
     data.pop("description", None)
     return fingerprint(data)
 
@@ -224,7 +224,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
         if isinstance(error, AdpipeError):
             message, detail = str(error), None
         elif isinstance(error, (KeyboardInterrupt, RunInterrupted)):
-            message, detail = f"interrupted ({error.signal_name if isinstance(error, RunInterrupted) else 'SIGINT'})", None
+            signal_name = error.signal_name if isinstance(error, RunInterrupted) else "SIGINT"
+            message, detail = f"interrupted ({signal_name})", None
         else:  # a bug or an infrastructure failure: keep the traceback in the record
             first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
             message, detail = f"{type(error).__name__}: {first_line}", traceback.format_exc()

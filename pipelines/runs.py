@@ -145,7 +145,7 @@ class Lease:
     def acquire(self, run_id: str) -> dict[str, Any] | None:
         """Take the lease, or raise RunInUse. Returns the previous, dead lease if one was taken over."""
         previous = read_lease(self.folder)
-        if lease_is_live(previous):
+        if previous is not None and lease_is_live(previous):
             raise RunInUse(self._busy_message(run_id, previous))
         self._write()
         time.sleep(self.SETTLE_SECONDS)

@@ -1,4 +1,4 @@
-"""Arrow schemas of the tables adpipe publishes (DESIGN.md "Tables"). Extend, don't rename."""
+"""Arrow schemas of the tables adpipe publishes (docs/architecture.md#tables). Extend, don't rename."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def ray_session(s3_store):
     import ray
 
     from pipelines.orchestrator import ray_runtime
-    from pipelines.spec import RaySpec
+    from pipelines.spec_fields import RaySpec
 
     with ray_runtime(RaySpec(address="local", num_cpus=2), log_to_driver=False):
         yield ray
@@ -53,7 +53,8 @@ def ray_session(s3_store):
 @pytest.fixture
 def s3_root(s3_store, request) -> str:
     """A fresh prefix in the test bucket for one test."""
-    return f"s3://{TEST_BUCKET}/{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}".lower()
+    name = request.node.name[:40].replace("[", "-").replace("]", "")
+    return f"s3://{TEST_BUCKET}/{name}-{uuid.uuid4().hex[:8]}".lower()
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ from diffusers import DDPMScheduler
 from scipy import integrate, stats
 
 from pipelines.errors import SpecError
-from pipelines.models import ddpm
-from pipelines.models.ddpm import DdpmConfig, Diffusion, OptimConfig, TrainingState
+from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
+from pipelines.models.diffusion.process import Diffusion, _discretized_gaussian_log_likelihood, _normal_kl
+from pipelines.models.diffusion.samplers import _p_sample_step, _respaced, sample, sample_tensor
+from pipelines.models.diffusion.training import TrainingState, lr_multiplier
+from pipelines.models.diffusion.unet import build_scheduler, build_unet
 
 TINY = DdpmConfig(image_size=16, block_out_channels=(16, 32), attention_blocks=(1,), layers_per_block=1)
 T = 1000
@@ -81,7 +84,7 @@ def test_normal_kl_matches_torch_distributions():
     lv1, lv2 = torch.randn(3, 2, 5, 5, generator=g), torch.randn(3, 2, 5, 5, generator=g)
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, torch.exp(0.5 * lv1)),
                                                  torch.distributions.Normal(m2, torch.exp(0.5 * lv2)))
-    got = ddpm._normal_kl(m1, lv1, m2, lv2)
+    got = _normal_kl(m1, lv1, m2, lv2)
     torch.testing.assert_close(got.mean(dim=(1, 2, 3)) / math.log(2), expected.mean(dim=(1, 2, 3)) / math.log(2))
 
 
@@ -100,7 +103,7 @@ def test_discretized_decoder_nll_matches_numeric_integration():
     x = np.concatenate([[-1.0, 1.0, -1.0, 1.0], rng.integers(0, 256, 12) / 127.5 - 1])
     mean = np.clip(x + rng.normal(0, 0.05, x.shape), -1.2, 1.2)
     std = rng.uniform(0.005, 0.3, x.shape)
-    got = ddpm._discretized_gaussian_log_likelihood(torch.tensor(x), torch.tensor(mean), torch.tensor(np.log(std)))
+    got = _discretized_gaussian_log_likelihood(torch.tensor(x), torch.tensor(mean), torch.tensor(np.log(std)))
     expected = [_integrated_log_likelihood(*args) for args in zip(x, mean, std, strict=True)]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
 
@@ -159,50 +162,50 @@ def _diffusers_loop(model, config, count, steps, seed, labels=None):
 def test_sampler_matches_diffusers_scheduler(learned):
     config = TINY if not learned else DdpmConfig(**{**TINY.__dict__, "learned_variance": True})
     torch.manual_seed(0)
-    model = ddpm.build_unet(config).eval()
+    model = build_unet(config).eval()
     expected = _diffusers_loop(model, config, 2, 10, seed=7)
-    got = ddpm._sample_tensor(model, config, 2, 10, torch.Generator().manual_seed(7), batch_size=2)
+    got = sample_tensor(model, config, 2, 10, torch.Generator().manual_seed(7), batch_size=2)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
 def test_sdas_strength_scales_only_the_noise_term():
-    diffusion, timesteps = ddpm._respaced(TINY, 20)
+    diffusion, timesteps = _respaced(TINY, 20)
     assert timesteps == list(range(0, 1000, 50))
     g = torch.Generator().manual_seed(0)
     output, x, noise = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))
-    mean = ddpm._p_sample_step(diffusion, output, x, 5, torch.zeros_like(noise), 0.0)
-    deviations = [ddpm._p_sample_step(diffusion, output, x, 5, noise, s) - mean for s in (0.0, 0.15, 1.0)]
+    mean = _p_sample_step(diffusion, output, x, 5, torch.zeros_like(noise), 0.0)
+    deviations = [_p_sample_step(diffusion, output, x, 5, noise, s) - mean for s in (0.0, 0.15, 1.0)]
     torch.testing.assert_close(deviations[1], math.sqrt(1.15) * deviations[0])
     torch.testing.assert_close(deviations[2], math.sqrt(2.0) * deviations[0])
     assert float(deviations[0].abs().mean()) > 0
     # The last step (t = 0) adds no noise whatever the strength.
-    torch.testing.assert_close(ddpm._p_sample_step(diffusion, output, x, 0, noise, 1.0),
-                               ddpm._p_sample_step(diffusion, output, x, 0, None, 0.0))
+    torch.testing.assert_close(_p_sample_step(diffusion, output, x, 0, noise, 1.0),
+                               _p_sample_step(diffusion, output, x, 0, None, 0.0))
 
 
 def test_sample_is_uint8_deterministic_and_batch_independent():
     torch.manual_seed(0)
-    model = ddpm.build_unet(TINY).train()
-    first = ddpm.sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2)
-    again = ddpm.sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2)
+    model = build_unet(TINY).train()
+    first = sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2)
+    again = sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2)
     assert first.dtype == np.uint8 and first.shape == (3, 16, 16, 3)
     np.testing.assert_array_equal(first, again)
     assert model.training  # the mode is restored
-    stronger = ddpm.sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2, variance_scale=0.2)
+    stronger = sample(model, TINY, 3, 4, torch.Generator().manual_seed(1), batch_size=2, variance_scale=0.2)
     assert not np.array_equal(first, stronger)
     with pytest.raises(ValueError, match="steps"):
-        ddpm.sample(model, TINY, 1, 1001, torch.Generator())
+        sample(model, TINY, 1, 1001, torch.Generator())
 
 
 def test_per_image_generators_make_each_sample_independent_of_its_batch():
     """The synthesize stage seeds each row's SDAS sample by the row: the same row must come out the
     same whichever rows Ray Data put in its batch, and in whatever order."""
     torch.manual_seed(0)
-    model = ddpm.build_unet(TINY).eval()
+    model = build_unet(TINY).eval()
 
     def draw(seeds, strengths, batch_size=4):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        return ddpm._sample_tensor(model, TINY, len(seeds), 4, generators, variance_scale=strengths,
+        return sample_tensor(model, TINY, len(seeds), 4, generators, variance_scale=strengths,
                                    batch_size=batch_size)
 
     together = draw([11, 12, 13], [0.1, 0.15, 0.2])
@@ -212,12 +215,12 @@ def test_per_image_generators_make_each_sample_independent_of_its_batch():
     torch.testing.assert_close(reordered, together[[2, 0]], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])
     # A per-image strength is the same as that strength given alone.
-    torch.testing.assert_close(draw([12], [0.15]), ddpm._sample_tensor(
+    torch.testing.assert_close(draw([12], [0.15]), sample_tensor(
         model, TINY, 1, 4, [torch.Generator().manual_seed(12)], variance_scale=0.15), atol=0, rtol=0)
     with pytest.raises(ValueError, match="one generator per image"):
-        ddpm._sample_tensor(model, TINY, 3, 4, [torch.Generator()])
+        sample_tensor(model, TINY, 3, 4, [torch.Generator()])
     with pytest.raises(ValueError, match="one variance_scale per image"):
-        ddpm._sample_tensor(model, TINY, 2, 4, [torch.Generator(), torch.Generator()], variance_scale=[0.1])
+        sample_tensor(model, TINY, 2, 4, [torch.Generator(), torch.Generator()], variance_scale=[0.1])
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ class _Recording(torch.nn.Module):
 def test_hybrid_loss_vlb_trains_only_the_variance_channels():
     config = DdpmConfig(**{**TINY.__dict__, "learned_variance": True})
     torch.manual_seed(0)
-    model = _Recording(ddpm.build_unet(config))
+    model = _Recording(build_unet(config))
     diffusion = Diffusion(config)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     grads = {}
@@ -267,13 +270,13 @@ def test_hybrid_loss_vlb_trains_only_the_variance_channels():
     assert float(grads["mse"][:, 3:].abs().max()) == 0.0  # L_simple does not see the variance
     assert float(grads["mse"][:, :3].abs().max()) > 0
     # The fixed-variance model has no bound term.
-    assert float(Diffusion(TINY).training_losses(ddpm.build_unet(TINY), x0, None, torch.Generator())["vlb"]) == 0.0
+    assert float(Diffusion(TINY).training_losses(build_unet(TINY), x0, None, torch.Generator())["vlb"]) == 0.0
 
 
 def test_class_labels_change_the_output():
     config = DdpmConfig(**{**TINY.__dict__, "num_classes": 3})
     torch.manual_seed(0)
-    model = ddpm.build_unet(config).eval()
+    model = build_unet(config).eval()
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
         outputs = [model(x, t, class_labels=torch.tensor([c])).sample for c in range(3)]
@@ -343,15 +346,15 @@ def test_save_restore_is_bitwise_exact():
 
 def test_lr_multiplier_known_points():
     optim = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert ddpm.lr_multiplier(0, 110, optim) == pytest.approx(0.1)
-    assert ddpm.lr_multiplier(4, 110, optim) == pytest.approx(0.5)
-    assert ddpm.lr_multiplier(9, 110, optim) == pytest.approx(1.0)
-    assert ddpm.lr_multiplier(10, 110, optim) == pytest.approx(1.0)
-    assert ddpm.lr_multiplier(60, 110, optim) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert ddpm.lr_multiplier(110, 110, optim) == pytest.approx(0.1)
-    assert ddpm.lr_multiplier(500, 110, optim) == pytest.approx(0.1)
+    assert lr_multiplier(0, 110, optim) == pytest.approx(0.1)
+    assert lr_multiplier(4, 110, optim) == pytest.approx(0.5)
+    assert lr_multiplier(9, 110, optim) == pytest.approx(1.0)
+    assert lr_multiplier(10, 110, optim) == pytest.approx(1.0)
+    assert lr_multiplier(60, 110, optim) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(110, 110, optim) == pytest.approx(0.1)
+    assert lr_multiplier(500, 110, optim) == pytest.approx(0.1)
     constant = OptimConfig(warmup_steps=0, schedule="constant")
-    assert ddpm.lr_multiplier(0, 10, constant) == ddpm.lr_multiplier(99, 10, constant) == 1.0
+    assert lr_multiplier(0, 10, constant) == lr_multiplier(99, 10, constant) == 1.0
 
 
 @pytest.mark.parametrize(("changes", "field", "message"), [
@@ -376,10 +379,10 @@ def test_ddpm_config_validation(changes, field, message):
 def test_valid_configs_build():
     assert TINY.validate("model") is TINY
     assert DdpmConfig().validate("model") == DdpmConfig()
-    unet = ddpm.build_unet(DdpmConfig(image_size=32, block_out_channels=(32, 64, 64), attention_blocks=(2,)))
+    unet = build_unet(DdpmConfig(image_size=32, block_out_channels=(32, 64, 64), attention_blocks=(2,)))
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
     assert [type(b).__name__ for b in unet.up_blocks] == ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
-    assert ddpm.build_scheduler(DdpmConfig(learned_variance=True)).config.variance_type == "learned_range"
+    assert build_scheduler(DdpmConfig(learned_variance=True)).config.variance_type == "learned_range"
 
 
 @pytest.mark.parametrize(("changes", "field"), [

@@ -31,8 +31,8 @@ def is_loopback(ip: str) -> bool:
 
 def listening_sockets(processes) -> list[dict]:
     """TCP sockets in LISTEN and bound, unconnected UDP sockets of `processes` (psutil.Process)."""
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
     import psutil
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
     found = []
     for process in processes:
@@ -60,7 +60,7 @@ EMBEDDED_RUN = """
 import json, os, sys, time
 import ray, psutil
 from pipelines.orchestrator import ray_runtime
-from pipelines.spec import RaySpec
+from pipelines.spec_fields import RaySpec
 from test_network import listening_sockets
 
 @ray.remote

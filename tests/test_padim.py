@@ -12,9 +12,10 @@ import scipy.ndimage
 import scipy.spatial.distance
 import torch
 
+from pipelines.models.artifacts import TrainedModels
 from pipelines.models.inference import decode_map, encode_map, score_in_slots
-from pipelines.models.padim import Padim, PadimConfig, PadimStatistics, gaussian_blur
-from pipelines.models.registry import TrainedDetector
+from pipelines.models.padim import PadimConfig
+from pipelines.models.padim.model import Padim, PadimStatistics, gaussian_blur
 from pipelines.storage import Location
 
 SMALL = PadimConfig(stages=(1, 2), kept_channels=12, image_size=64, seed=3)
@@ -55,7 +56,7 @@ def test_gaussian_with_many_channels_on_several_threads_matches_numpy():
     # timeout turns such a hang into a failure.
     script = """
 import numpy as np, torch
-from pipelines.models.padim import PadimStatistics
+from pipelines.models.padim.model import PadimStatistics
 torch.set_num_threads(2)
 generator = torch.Generator().manual_seed(0)
 embeddings = torch.randn(200, 176, 4, 4, generator=generator) * torch.rand(176, 1, 1, generator=generator)
@@ -128,8 +129,8 @@ def test_channel_subset_is_seeded_and_saved(fitted, tmp_path):
     assert not torch.equal(Padim(PadimConfig(**{**SMALL.__dict__, "seed": 4})).channel_indices,
                            fitted.channel_indices)
     folder = Location.parse(str(tmp_path / "model"))
-    TrainedDetector("padim", SMALL, {"a": fitted, "b": fitted}, {"a": 1.5, "b": 2.5}).save(folder)
-    loaded = TrainedDetector.load(folder)
+    TrainedModels("padim", SMALL, {"a": fitted, "b": fitted}, {"a": 1.5, "b": 2.5}).save(folder)
+    loaded = TrainedModels.load(folder)
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     for key in ("a", "b"):
         torch.testing.assert_close(loaded.models[key](images)[1], fitted(images)[1], rtol=0, atol=0)

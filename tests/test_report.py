@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path

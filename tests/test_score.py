@@ -164,9 +164,9 @@ def test_threshold_f1_max_on_labelled_validation_images(trained_model):
     calibration = config["info"]["calibration"]["tex"]
     assert calibration["method"] == "f1_max" and calibration["anomalous_images"] == 6
     assert calibration["f1"] == 1.0  # the white squares are trivially separable
-    from pipelines.models.registry import TrainedDetector
+    from pipelines.models.artifacts import TrainedModels
 
-    detector = TrainedDetector.load(model_folder)
+    detector = TrainedModels.load(model_folder)
     assert detector.thresholds["tex"] == calibration["threshold"]
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from imagefiles import encode, publish_archive
 from pipelines import datasets
 from pipelines.data.preprocess import decode_rgb
+from pipelines.models.artifacts import TrainedModels
 from pipelines.models.inference import score_in_slots
-from pipelines.models.registry import TrainedDetector
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
 from pipelines.storage import Location
@@ -66,7 +66,7 @@ def setup(ray_session, tmp_path_factory):
         parts.append(part)
     archive = publish_archive(Location.parse(root).join("datasets", "archive", "1"), parts)
     table = datasets.read_table(archive)
-    detector = TrainedDetector.load(Location.parse(model))
+    detector = TrainedModels.load(Location.parse(model))
     alone = {}
     for image_id, data, category in zip(*(table[c].to_pylist() for c in ("image_id", "image", "category"))):
         pixels = decode_rgb(data, IMAGE_SIZE)[None]
@@ -94,8 +94,9 @@ def check_scores_belong_to_their_images(scores: dict[str, float], alone: dict[st
 def test_scores_match_each_image_scored_alone_under_any_rebatching(setup, batch_size):
     """The scorer's compute, fed the rows the way Ray Data may group them: across part boundaries,
     in chunks of any size, in any order. Byte-identical whatever the chunking."""
+    from pipelines.models.methods import find_method
     from pipelines.stages.image_batches import decode_parts, select_rows
-    from pipelines.stages.score import ScoreBatch
+    from pipelines.stages.score import Scorer
 
     root, model, archive, table, alone = setup
     manifest = datasets.read_manifest(archive)
@@ -103,7 +104,7 @@ def test_scores_match_each_image_scored_alone_under_any_rebatching(setup, batch_
     decoded = [decode_parts({"part": np.array([s.part]), "rows": [list(s.rows)]}, image_size=IMAGE_SIZE,
                             max_pixels=10**7, locations={s.part: s.location}) for s in selections]
     stream = {k: np.concatenate([d[k] for d in decoded]) for k in decoded[0]}
-    scorer = ScoreBatch(Location.parse(model), batch_size, anomaly_maps=False, threads=1)
+    scorer = Scorer(Location.parse(model), find_method("padim"), batch_size, anomaly_maps=False, threads=1)
     results = []
     for seed in range(2):
         rng = np.random.default_rng(seed)

@@ -263,7 +263,7 @@ def _fixed_cases() -> list[Case]:
         _fixed("kind-misspelt", demo.replace("kind: pipeline", "knd: pipeline").encode()),
         _fixed("digits-5000", demo.replace("split_seed: 0", "split_seed: " + "9" * 5000).encode()),
         _fixed("bad-date", demo.replace("name: demo", "name: 2026-13-45").encode(), must_fail=False),
-        _fixed("schedule-out-of-range", (demo + 'schedule: "61 25 32 13 8"\n').encode()),
+        _fixed("schedule-not-supported", (demo + 'schedule: "0 2 * * *"\n').encode()),
         _fixed("empty", b""),
         _fixed("only-comment", b"# nothing\n"),
         _fixed("two-documents", (demo + "---\n" + demo).encode()),
@@ -292,7 +292,7 @@ CASE_COUNT = DATA_CASES + TEXT_CASES + len(_fixed_cases())
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Validate one good spec first: the stage registry's first import (torch, Ray) is no case's time."""
+    """Validate one good spec first: the first import of the parameter classes is no case's time."""
     assert cli.main(["validate", str(JOBS[0])]) == 0
     return tmp_path_factory.mktemp("fuzz")
 

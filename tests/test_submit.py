@@ -52,10 +52,10 @@ def ray_head(s3_store, tmp_path_factory):
         try:
             JobSubmissionClient(address).list_jobs()
             break
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception as error:  # noqa: BLE001 - not up yet
             if time.monotonic() > deadline or head.poll() is not None:
                 os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError(f"Ray head did not start; see {log.name}")
+                raise RuntimeError(f"Ray head did not start; see {log.name}") from error
             time.sleep(1)
     yield address
     os.killpg(head.pid, signal.SIGTERM)

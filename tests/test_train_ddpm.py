@@ -59,10 +59,10 @@ def ddpm_pipeline(root: str, images: Path, steps: int, checkpoint_every: int, co
              "outputs": {"dataset": "flat"}},
             {"name": "train", "kind": "train", "method": "ddpm", "inputs": {"dataset": "step:ingest"},
              "outputs": {"model": "ddpm-flat"},
-             "ddpm": {**TINY, "learned_variance": learned_variance},
-             "optim": {"lr": 0.002, "warmup_steps": 2, "ema_decay": 0.9},
-             "training": {"steps": steps, "checkpoint_every": checkpoint_every, "log_every": 2,
-                          "class_conditional": conditional, "max_failures": 2},
+             "ddpm": {"model": {**TINY, "learned_variance": learned_variance}, "class_conditional": conditional,
+                      "optim": {"lr": 0.002, "warmup_steps": 2, "ema_decay": 0.9},
+                      "training": {"steps": steps, "checkpoint_every": checkpoint_every, "log_every": 2,
+                                   "max_failures": 2}},
              "resources": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 4}},
             {"name": "sample", "kind": "sample", "model": {"uri": "step:train"}, "count": samples, "steps": 5,
              "outputs": {"dataset": "flat-samples", "rows_per_part": 2}},
@@ -194,25 +194,47 @@ def test_bad_ddpm_specs_exit_2_naming_the_field(tmp_path, file_root):
             target[leaf] = value
         return spec
 
-    with pytest.raises(SpecError, match=r"ddpm\.image_size.*multiple of 2"):
-        parse_spec(broken(ddpm__image_size=15))
+    with pytest.raises(SpecError, match=r"ddpm\.model\.image_size.*multiple of 2"):
+        parse_spec(broken(ddpm__model__image_size=15))
     with pytest.raises(SpecError, match=r"resources\.workers"):
         parse_spec(broken(resources__workers=0))
-    with pytest.raises(SpecError, match=r"ddpm\.num_classes"):
-        parse_spec(broken(ddpm__num_classes=3))
-    with pytest.raises(SpecError, match=r"training\.steps"):
-        parse_spec(broken(training__steps=0))
+    with pytest.raises(SpecError, match=r"ddpm\.model\.num_classes"):
+        parse_spec(broken(ddpm__model__num_classes=3))
+    with pytest.raises(SpecError, match=r"ddpm\.training\.steps"):
+        parse_spec(broken(ddpm__training__steps=0))
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(broken(ddpm__image_size=15)))
+    bad.write_text(yaml.safe_dump(broken(ddpm__model__image_size=15)))
     cli = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(bad)], capture_output=True,
                          text=True, cwd=REPO, timeout=120)
     assert cli.returncode == 2 and "image_size" in cli.stderr, cli.stderr
 
 
+def test_old_ddpm_layouts_and_other_methods_keys_are_refused_saying_where_they_go(tmp_path, file_root):
+    """Since the method contract a method's parameters live in its own block only."""
+    base = ddpm_pipeline(file_root, tmp_path, steps=4, checkpoint_every=2, conditional=False, learned_variance=False)
+    train = base["steps"][1]
+    old = {**train, "ddpm": TINY, "optim": {"lr": 0.01}}
+    with pytest.raises(SpecError, match=r"steps\[1\]\.optim: is a parameter of method 'ddpm'.*ddpm\.optim"):
+        parse_spec({**base, "steps": [base["steps"][0], old]})
+    flat = {**train, "ddpm": TINY}
+    with pytest.raises(SpecError, match=r"steps\[1\]\.ddpm\.image_size: .*write steps\[1\]\.ddpm\.model\.image_size"):
+        parse_spec({**base, "steps": [base["steps"][0], flat]})
+    moved = {**train, "ddpm": {"training": {"class_conditional": True}}}
+    with pytest.raises(SpecError, match=r"ddpm\.training\.class_conditional: is written as .*ddpm\.class_conditional"):
+        parse_spec({**base, "steps": [base["steps"][0], moved]})
+    padim = {k: v for k, v in train.items() if k != "ddpm"} | {"method": "padim", "optim": {"lr": 0.01}}
+    with pytest.raises(SpecError, match=r"steps\[1\]\.optim: unknown key 'optim': method 'padim' has no such "
+                                        r"parameter \(it is one of 'ddpm'\)"):
+        parse_spec({**base, "steps": [base["steps"][0], padim]})
+    threshold = {**train, "threshold": {"quantile": 0.9}}
+    with pytest.raises(SpecError, match=r"steps\[1\]\.threshold: method 'ddpm' is a generator"):
+        parse_spec({**base, "steps": [base["steps"][0], threshold]})
+
+
 def test_training_on_a_missing_dataset_is_an_input_error(ray_session, file_root):
     spec = {"kind": "train", "name": "ddpm-missing", "storage": {"root": file_root}, "method": "ddpm",
             "inputs": {"dataset": f"{file_root}/datasets/nothing/1"}, "outputs": {"model": "m"},
-            "ddpm": TINY, "resources": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 2}}
+            "ddpm": {"model": TINY}, "resources": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 2}}
     with pytest.raises(InputError, match="nothing"):
         run_job(parse_spec(spec), echo=quiet)
 

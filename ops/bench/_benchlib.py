@@ -135,7 +135,7 @@ def ray_session(num_cpus: int | None = None, ray_logs: bool = False) -> Iterator
     started = time.monotonic()
     previous_handler = signal.getsignal(signal.SIGTERM)
     from pipelines.orchestrator import ray_runtime
-    from pipelines.spec import RaySpec
+    from pipelines.spec_fields import RaySpec
 
     embedded = contextlib.ExitStack()  # the product's embedded Ray: loopback only, same settings
     embedded.enter_context(ray_runtime(RaySpec(address="local", num_cpus=num_cpus), log_to_driver=ray_logs))

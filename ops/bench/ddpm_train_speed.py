@@ -32,7 +32,8 @@ def plain_loop(model: dict, optim: dict, pixels, batch_size: int, steps: int, wa
     """Steps/s of the in-memory loop over `pixels` (N, H, W, 3 uint8), after `warmup` steps."""
     import torch
 
-    from pipelines.models.ddpm import DdpmConfig, OptimConfig, TrainingState
+    from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
+    from pipelines.models.diffusion.training import TrainingState
 
     torch.set_num_threads(threads)
     config = DdpmConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
@@ -62,7 +63,8 @@ def decoded_cells(uri: str, image_size: int, count: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--channels", default="32,64,128", help="U-Net block widths (default 32,64,128: 2.5 M parameters)")
+    parser.add_argument("--channels", default="32,64,128",
+                        help="U-Net block widths (default 32,64,128: 2.5 M parameters)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60, help="steps of the Ray job (and timed plain-loop steps)")
     parser.add_argument("--log-every", type=int, default=5)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.log(f"  {plain_after:.2f} steps/s")
     plain = (plain_before + plain_after) / 2
     ratio = ray_steps_per_second / plain
-    from pipelines.models.ddpm import DdpmConfig, build_unet
+    from pipelines.models.diffusion.config import DdpmConfig
+    from pipelines.models.diffusion.unet import build_unet
 
     params = sum(p.numel() for p in build_unet(DdpmConfig(**{**model, "block_out_channels": tuple(
         model["block_out_channels"])})).parameters())

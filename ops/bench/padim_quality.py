@@ -29,8 +29,8 @@ limited to --threads threads), measured in the same run.
     .venv/bin/python ops/bench/padim_quality.py [--splits 0,1,2] [--channel-seed 0] [--threads 2]
                      [--batch-size 32] [--anomalib-python /tmp/anomalib-venv/bin/python]
 
-About 4 minutes per split on 2 CPU cores (7 with both sides' model loads and fits). anomalib is not a dependency of adpipe; `--help` of
-ops/bench/perlin_masks.py and the error below say how to create its environment.
+About 4 minutes per split on 2 CPU cores (7 with both sides' model loads and fits). anomalib is not a dependency of
+adpipe; `--help` of ops/bench/perlin_masks.py and the error below say how to create its environment.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def adpipe_scores(items: list[dict], channel_seed: int, batch_size: int) -> tupl
     import torch
 
     from pipelines.data.preprocess import decode_rgb
-    from pipelines.models.padim import Padim, PadimConfig
+    from pipelines.models.padim import PadimConfig
+    from pipelines.models.padim.model import Padim
 
     config = PadimConfig(backbone=PADIM["backbone"], stages=tuple(PADIM["stages"]),
                          kept_channels=PADIM["kept_channels"], image_size=PADIM["image_size"], seed=channel_seed)

@@ -39,7 +39,8 @@ def describe_peak(sampler: bench.ProcessSampler) -> list[str]:
     lines = []
     at = sampler.peak_at
     shmem = sum(p.shmem for p in sampler.peak_processes if bench.classify(p, sampler.driver) != "ray-system")
-    lines.append(f"at {sampler.peak_seconds:.1f} s into the step: driver {bench.mib(at.get('driver', 0))} + Ray workers {bench.mib(at.get('worker', 0))}; "
+    lines.append(f"at {sampler.peak_seconds:.1f} s into the step: driver {bench.mib(at.get('driver', 0))} "
+                 f"+ Ray workers {bench.mib(at.get('worker', 0))}; "
                  f"of which shared memory (object store pages) {bench.mib(shmem)}; "
                  f"Ray system processes apart: {bench.mib(at.get('ray-system', 0))}")
     top = sorted(sampler.peak_processes, key=lambda p: -p.rss)
@@ -55,7 +56,7 @@ def describe_peak(sampler: bench.ProcessSampler) -> list[str]:
 def wait_for_scorers_to_exit(weed_pid: int, timeout: float = 60.0) -> None:
     """Ray Data stops a finished step's actors asynchronously: let them go before the next peak."""
     deadline = time.monotonic() + timeout
-    while bench.find_processes("ScoreBatch", {weed_pid}) and time.monotonic() < deadline:
+    while bench.find_processes("Scorer", {weed_pid}) and time.monotonic() < deadline:
         time.sleep(0.5)
 
 

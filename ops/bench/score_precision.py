@@ -45,7 +45,8 @@ def main() -> int:
     from pipelines.data.preprocess import decode_rgb
     from pipelines.data.sources import list_elpv
     from pipelines.models.inference import to_tensor
-    from pipelines.models.padim import Padim, PadimConfig
+    from pipelines.models.padim import PadimConfig
+    from pipelines.models.padim.model import Padim
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +82,8 @@ def main() -> int:
                for start in range(0, len(test), args.batch_size)]
     labels = [r.label for r in test]
     print(f"PaDiM bare forward, {len(test)} ELPV test cells at {config.image_size} px, batch {args.batch_size}, "
-          f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
+          f"device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}", flush=True)
 
     def synchronize() -> None:
@@ -112,7 +114,8 @@ def main() -> int:
         for mode in MODES:
             images_per_second, scores[mode] = run(mode)
             speeds[mode].append(images_per_second)
-        print(f"  round {repeat + 1}: " + ", ".join(f"{m} {speeds[m][-1]:.1f}" for m in MODES) + " images/s", flush=True)
+        print(f"  round {repeat + 1}: " + ", ".join(f"{m} {speeds[m][-1]:.1f}" for m in MODES) + " images/s",
+              flush=True)
 
     base = statistics.median(speeds["fp32"])
     for mode in MODES:

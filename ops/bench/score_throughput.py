@@ -1,7 +1,7 @@
 """Scoring throughput: the `score` stage against the bare model it runs, in one process, one run.
 
 What is measured
-  (a) bare model: the fitted PaDiM artifact loaded with `TrainedDetector.load`, the archive's
+  (a) bare model: the fitted PaDiM artifact loaded with `TrainedModels.load`, the archive's
       images decoded up front into memory (`decode_rgb`, not timed), then a timed loop of the
       model's forward pass over exactly the archive's images: per category model, consecutive
       full batches of `--batch-size` (the last one zero-padded, as the scorer pads it), with
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import subprocess
 import sys
@@ -50,8 +49,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _benchlib as bench  # noqa: E402  (sets up sys.path and Ray's environment first)
 import numpy as np  # noqa: E402
+
+import _benchlib as bench  # noqa: E402  (sets up sys.path and Ray's environment first)
 
 
 def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, maps: bool) -> dict:
@@ -59,11 +59,11 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
 
     from pipelines import datasets
     from pipelines.data.preprocess import decode_rgb
+    from pipelines.models.artifacts import TrainedModels
     from pipelines.models.inference import encode_map, to_tensor
-    from pipelines.models.registry import TrainedDetector
 
     started = time.monotonic()
-    detector = TrainedDetector.load(bench.location(model_uri))
+    detector = TrainedModels.load(bench.location(model_uri))
     load_seconds = time.monotonic() - started
     model_bytes = bench.location(model_uri).join("model.safetensors")
     model_bytes = model_bytes.fs.get_file_info(model_bytes.path).size
@@ -134,7 +134,8 @@ def bare_model(archive_uri: str, model_uri: str, batch_size: int, threads: int, 
     return {"images": len(images), "seconds": seconds, "images_per_second": len(images) / seconds,
             "median_pass_seconds": median_pass, "load_seconds": load_seconds, "model_bytes": model_bytes,
             "median_images_per_second": len(images) / (median_pass * len(batches)),
-            "forward_passes": len(batches), "pipeline_passes": pipeline_passes, "foreign_cpu": foreign, "models": {k: len(v) for k, v in groups.items()},
+            "forward_passes": len(batches), "pipeline_passes": pipeline_passes, "foreign_cpu": foreign,
+            "models": {k: len(v) for k, v in groups.items()},
             "decode_ms_per_image": 1000 * decode_seconds / len(images),
             "encode_ms_per_image": 1000 * encode_seconds / len(images) if encode_seconds is not None else None}
 
@@ -158,7 +159,7 @@ class ActorProfiler:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            found = bench.find_processes("ScoreBatch", self.exclude)
+            found = bench.find_processes("Scorer", self.exclude)
             if found:
                 self.pid = found[0].pid
                 spy = Path(sys.executable).with_name("py-spy")
@@ -196,7 +197,7 @@ class ActorProfiler:
         # py-spy's raw format: "function (file.py:line)" frames, file names shortened.
         buckets = [
             ("actor start-up (_MapWorker.__init__)", "_MapWorker.__init__ ("),
-            ("ScoreBatch.__call__ (all of it)", "ScoreBatch.__call__ ("),
+            ("Scorer.__call__ (all of it)", "Scorer.__call__ ("),
             ("  PaDiM forward", "Padim.forward ("),
             ("    backbone (Padim.embed)", "Padim.embed ("),
             ("    gaussian_blur", "gaussian_blur ("),
@@ -210,11 +211,11 @@ class ActorProfiler:
             lines.append(f"  {label:34s} {count:6d} samples  {count / max(expected, 1):6.1%} of the actor's lifetime")
         other = collections.Counter()
         for stack, count in stacks:
-            if "ScoreBatch.__call__ (" not in stack and "_MapWorker.__init__ (" not in stack:
+            if "Scorer.__call__ (" not in stack and "_MapWorker.__init__ (" not in stack:
                 frames = stack.split(";")
                 other[frames[-1][:110]] += count
         if other:
-            lines.append("  busiest leaf frames outside start-up and ScoreBatch.__call__:")
+            lines.append("  busiest leaf frames outside start-up and Scorer.__call__:")
             lines += [f"    {count:6d}  {frame}" for frame, count in other.most_common(6)]
         lines.append(f"  raw stacks: {self.output}")
         return lines
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.sample()
             weed_cpu = (bench.cpu_seconds(stack["weed_pid"]) or 0.0) - marks["weed"]
             cpu = sampler.cpu_by_process()
-            timeline = sampler.timeline("ScoreBatch") + sampler.timeline("decode_parts")
+            timeline = sampler.timeline("Scorer") + sampler.timeline("decode_parts")
             foreign, foreign_seconds = marks["load"].stop(sum(seconds for _, _, seconds in cpu) + weed_cpu)
         finally:
             sampler.stop()
@@ -309,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(decode alone {bare['decode_ms_per_image']:.1f} ms/image, not timed):")
     for label, result in zip(("before the step", "after the step "), bares):
         print(f"      {label}: {result['images_per_second']:8.2f} images/s ({result['seconds']:.1f} s; "
-              f"median pass {result['median_pass_seconds']:.3f} s -> {result['median_images_per_second']:.2f} images/s); "
+              f"median pass {result['median_pass_seconds']:.3f} s -> "
+              f"{result['median_images_per_second']:.2f} images/s); "
               f"{bench.foreign_note(result['foreign_cpu'], result['seconds'])}")
     print(f"      bare figure used below: {bare_ips:.2f} images/s (mean of {len(bares)})")
-    print(f"      TrainedDetector.load from S3 (model.safetensors {bare['model_bytes'] / 2**20:.0f} MiB) took "
+    print(f"      TrainedModels.load from S3 (model.safetensors {bare['model_bytes'] / 2**20:.0f} MiB) took "
           f"{bare['load_seconds']:.1f} s here (warm imports); the stage does it in each scorer actor "
           "(the driver reads only config.json)")
     if bare["encode_ms_per_image"] is not None:
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      stage's own figure (StepResult images_per_second): {stage_ips:8.2f} images/s")
     print(f"      wall around run_job: {run.wall_seconds:.1f} s -> {wall_ips:8.2f} images/s "
           f"(step {run.step_seconds:.1f} s in the run record)")
-    submits = [first for first, _, _, title in timeline if "ScoreBatch" in title and title.endswith(".submit")]
+    submits = [first for first, _, _, title in timeline if "Scorer" in title and title.endswith(".submit")]
     if submits:
         first_batch = min(submits)
         steady = run.images / max(run.wall_seconds - first_batch, 1e-9)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000
+from pipelines.data.limits import DEFAULT_MAX_PIXELS
+
 # What decoding one image may hold in memory. A pixel limit alone is not a memory bound: a 124 KB
 # 16-bit 7999x7999 PNG passes 64 M pixels and once took 1.66 GB to decode. 512 MiB admits 8-bit
 # RGB and grayscale up to the pixel limit, 16-bit up to about 38 M pixels, RGBA up to 28 M.
@@ -53,7 +54,8 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageDecodeError(f"image too large: {width}x{height} pixels is over the limit of {max_pixels}")
+                    raise ImageDecodeError(
+                        f"image too large: {width}x{height} pixels is over the limit of {max_pixels}")
                 needed = decode_bytes(width, height, image.mode)
                 if needed > max_bytes:
                     raise ImageDecodeError(

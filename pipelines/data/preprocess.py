@@ -13,14 +13,15 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines.data.images import DEFAULT_MAX_PIXELS, inspect_image
+from pipelines.data.images import inspect_image
+from pipelines.data.limits import DEFAULT_MAX_PIXELS
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
     # Integer and float32 arithmetic, in place where possible: float64 copies of a large 16-bit
     # image cost 8 bytes a pixel each (see DECODE_BYTES_PER_PIXEL).
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image).astype(np.int32 if image.mode == "I" else np.uint32)  # 65535 * 255 fits
+        array: np.ndarray = np.asarray(image).astype(np.int32 if image.mode == "I" else np.uint32)  # 65535 * 255 fits
         peak = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
         np.clip(array, 0, peak, out=array)
         array *= 255

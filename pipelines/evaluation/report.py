@@ -208,7 +208,7 @@ def score_histogram_png(scores_normal: np.ndarray, scores_anomalous: np.ndarray,
             low, high = min(low, threshold), max(high, threshold)
         if high <= low:
             low, high = low - 0.5, high + 0.5
-        bins = np.linspace(low, high, 31)
+        bins = np.linspace(low, high, 31).tolist()
         for scores, name, colour in ((finite[0], "normal", "tab:blue"),
                                      (finite[1], "anomalous", "tab:red")):
             if scores.size:
@@ -247,7 +247,7 @@ def format_metric(value: float | None) -> str:
 
 
 def format_label(label: int | None) -> str:
-    return {0: "normal", 1: "anomalous"}.get(label, "unlabelled")
+    return "unlabelled" if label is None else {0: "normal", 1: "anomalous"}.get(label, "unlabelled")
 
 
 def img_tag(png: bytes, alt: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ def create_classifier(name: str) -> nn.Module:
 class FeatureExtractor(nn.Module):
     """Frozen multi-stage features of a pretrained backbone, from images in [0, 1]."""
 
+    mean: torch.Tensor  # buffers (registered in __init__)
+    std: torch.Tensor
+
     def __init__(self, name: str, stages: tuple[int, ...]):
         super().__init__()
         import timm
@@ -114,7 +118,7 @@ class FeatureExtractor(nn.Module):
         if missing:
             raise RuntimeError(f"{name}: pretrained weights lack {missing[:3]}")
         self.model.eval().requires_grad_(False)
-        info = self.model.feature_info
+        info: Any = self.model.feature_info  # timm's FeatureInfo (a module attribute types as Tensor | Module)
         self.feature_info = tuple(
             FeatureInfo(stage=s, channels=c, stride=r, module=m)
             for s, c, r, m in zip(stages, info.channels(), info.reduction(), info.module_name())
@@ -139,3 +143,16 @@ class FeatureExtractor(nn.Module):
         """images: (B, 3, H, W) float in [0, 1] -> one (B, C_i, H/s_i, W/s_i) map per stage."""
         return self.model(((images - self.mean) / self.std).contiguous(memory_format=self.memory_format))
 
+
+
+_SHARED_EXTRACTORS: dict[tuple[str, tuple[int, ...]], FeatureExtractor] = {}
+
+
+def shared_feature_extractor(name: str, stages: tuple[int, ...]) -> FeatureExtractor:
+    """One frozen extractor per (backbone, stages) in this process, shared by every model that
+    asks: a scorer holding the per-category models of one artifact keeps one backbone, not one per
+    category. Safe to share because it is frozen (eval mode, no gradients, no state that moves)."""
+    key = (name, tuple(stages))
+    if key not in _SHARED_EXTRACTORS:
+        _SHARED_EXTRACTORS[key] = FeatureExtractor(name, key[1])
+    return _SHARED_EXTRACTORS[key]

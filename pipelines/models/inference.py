@@ -15,10 +15,13 @@ a slot (that put one image's score on another).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pipelines.models.methods import Detector
 
 
 def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -26,12 +29,15 @@ def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def score_in_slots(model: torch.nn.Module, pixels: np.ndarray, positions: np.ndarray, batch_size: int,
-                   device: torch.device | str = "cpu", parts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and maps (N, S, S) of images at `positions` among their part's selected rows.
+def score_in_slots(model: Detector, pixels: np.ndarray, positions: np.ndarray, batch_size: int,
+                   device: torch.device | str = "cpu", parts: np.ndarray | None = None,
+                   row_ids: Sequence[str] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and maps (N, S, S) of images at `positions` among their part's selected rows,
+    from the detector's `score(images, row_ids)` (the method contract).
 
-    `parts` (N,) names each image's input part (default: all from one part). Raises ValueError if
-    two images claim the same (part, position): their slots would collide.
+    `parts` (N,) names each image's input part (default: all from one part); `row_ids` (N,) the
+    images (default ""), passed on so that a method drawing noise seeds it per image. Raises
+    ValueError if two images claim the same (part, position): their slots would collide.
     """
     positions = np.asarray(positions, dtype=np.int64)
     parts = np.zeros(len(positions), np.int64) if parts is None else np.asarray(parts, dtype=np.int64)
@@ -43,17 +49,27 @@ def score_in_slots(model: torch.nn.Module, pixels: np.ndarray, positions: np.nda
     count, size = len(positions), pixels.shape[1]
     scores = np.zeros(count, np.float32)
     maps = np.zeros((count, size, size), np.float32)
-    groups = np.stack([parts, positions // batch_size], axis=1) if count else np.zeros((0, 2), np.int64)
-    for group in np.unique(groups, axis=0):
-        members = np.flatnonzero((groups == group).all(axis=1))
-        slots = positions[members] % batch_size
+    ids = np.asarray([""] * count if row_ids is None else [str(i) for i in row_ids], dtype=object)
+    for members, slots in fixed_batches(parts, positions, batch_size):
         batch = np.zeros((batch_size, *pixels.shape[1:]), np.uint8)
         batch[slots] = pixels[members]
+        batch_ids = [""] * batch_size  # padding slots
+        for slot, row_id in zip(slots, ids[members]):
+            batch_ids[slot] = row_id
         with torch.inference_mode():
-            batch_scores, batch_maps = model(to_tensor(batch, device))
-        scores[members] = batch_scores[torch.as_tensor(slots)].float().cpu().numpy()
-        maps[members] = batch_maps[torch.as_tensor(slots)].float().cpu().numpy()
+            result = model.score(to_tensor(batch, device), batch_ids)
+        scores[members] = result.scores[torch.as_tensor(slots)].float().cpu().numpy()
+        maps[members] = result.maps[torch.as_tensor(slots)].float().cpu().numpy()
     return scores, maps
+
+
+def fixed_batches(parts: np.ndarray, positions: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(members, slots) per batch of the fixed geometry: the rows of one part whose positions
+    share `position // batch_size`, each at slot `position % batch_size`."""
+    groups = np.stack([parts, positions // batch_size], axis=1) if len(positions) else np.zeros((0, 2), np.int64)
+    for group in np.unique(groups, axis=0):
+        members = np.flatnonzero((groups == group).all(axis=1))
+        yield members, positions[members] % batch_size
 
 
 def encode_map(anomaly_map: np.ndarray) -> tuple[bytes, float, float]:

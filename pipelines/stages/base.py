@@ -1,6 +1,7 @@
 """The contract between the orchestrator and a stage kind.
 
-A stage kind is a parameter dataclass (validated by `pipelines.spec`) plus `run(step, context)`.
+A stage kind is a parameter dataclass (in `pipelines.params`, validated by `pipelines.spec`) plus
+`run(step, context)`.
 The orchestrator resolves references, decides whether a step is already done and records results;
 the stage only does its work and says what it published.
 """
@@ -13,7 +14,8 @@ from typing import Any
 
 from pipelines.errors import SpecError
 from pipelines.runs import RunRecord
-from pipelines.spec import DatasetInputSpec, DatasetOutputSpec, ModelInputSpec, StepSpec
+from pipelines.spec import StepSpec
+from pipelines.spec_fields import DatasetInputSpec, DatasetOutputSpec, ModelInputSpec
 from pipelines.storage import Location
 
 
@@ -63,7 +65,7 @@ class StepContext:
 @dataclass(frozen=True)
 class StageKind:
     name: str
-    params: type
+    params: type  # pipelines.params.STAGE_PARAMS[name] (the registry checks)
     run: Callable[[StepSpec, StepContext], StepResult]
     # Where the step's published output records its fingerprint (a manifest or summary JSON);
     # the orchestrator skips a step whose output there carries the same fingerprint.

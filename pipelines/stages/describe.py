@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray.data
 
 from pipelines import datasets
-from pipelines.spec import DatasetInputSpec, StepSpec
+from pipelines.params.describe import DescribeParams
+from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location
 
 GROUP_COLUMNS = ["category", "split", "label"]
-
-
-@dataclass(frozen=True)
-class DescribeParams:
-    inputs: DatasetInputSpec
 
 
 def count_groups(batch: pa.Table) -> pa.Table:

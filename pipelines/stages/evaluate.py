@@ -10,7 +10,6 @@ anomaly maps. The metric code is `pipelines.evaluation.metrics`; the report is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,40 +19,23 @@ import pyarrow.parquet as pq
 
 from pipelines import datasets
 from pipelines.data.preprocess import decode_mask, decode_rgb
-from pipelines.errors import InputError, SpecError
+from pipelines.errors import InputError
 from pipelines.evaluation import metrics
 from pipelines.evaluation.report import CategoryReport, CurveData, ExampleImage, render_report
 from pipelines.models.inference import decode_map
-from pipelines.spec import DatasetInputSpec, StepSpec, check_positive
+from pipelines.params.evaluate import EvaluateParams
+from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location
 
 METRIC_NAMES = ("image_auroc", "image_f1_max", "pixel_auroc", "aupro")
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    inputs: DatasetInputSpec  # a scores dataset
-    images: DatasetInputSpec | None = None  # default: the images dataset the scores were made from
-    fpr_limit: float = 0.3
-    anomalous_examples: int = 8
-    normal_examples: int = 4
-    seed: int = 0
-
-    def validate(self, path: str) -> EvaluateParams:
-        prefix = f"{path}." if path else ""
-        if not 0.0 < self.fpr_limit <= 1.0:
-            raise SpecError(f"{prefix}fpr_limit", f"must be in (0, 1], got {self.fpr_limit}")
-        for name in ("anomalous_examples", "normal_examples", "seed"):  # 0 examples: none in the report
-            check_positive(getattr(self, name), f"{prefix}{name}", allow_zero=True)
-        return self
-
-
 def _read_images(images: Location, ids: set[str], columns: list[str]) -> dict[str, dict[str, Any]]:
     """Rows of the images dataset with these ids (only the columns asked for)."""
     if not ids:
         return {}
-    manifest = datasets.read_manifest(images)
+    manifest = datasets.read_manifest(images, table="images")
     found = {}
     for location in datasets.part_locations(images, manifest):
         table = pq.read_table(location.path, filesystem=location.fs, columns=["image_id", *columns],
@@ -100,7 +82,8 @@ def _pixel_data(rows: pa.Table, images: Location) -> tuple[np.ndarray, np.ndarra
         return None
     maps, masks = [], []
     for image_id, label, data, low, high in zip(ids, labels, rows["anomaly_map"].to_pylist(),
-                                                rows["anomaly_map_min"].to_pylist(), rows["anomaly_map_max"].to_pylist()):
+                                                rows["anomaly_map_min"].to_pylist(),
+                                                rows["anomaly_map_max"].to_pylist()):
         if data is None:
             return None
         anomaly_map = decode_map(data, low, high)
@@ -125,8 +108,8 @@ def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, see
     chosen = [int(i) for i in (*anomalous_rows, *normal_rows)]
     ids = rows["image_id"].to_pylist()
     found = _read_images(images, {ids[i] for i in chosen}, ["image"])
-    out = []
-    for i in chosen:
+    out: tuple[list[ExampleImage], list[ExampleImage]] = ([], [])
+    for position, i in enumerate(chosen):
         row = {name: rows[name][i].as_py() for name in
                ("image_id", "category", "label", "score", "anomaly_map", "anomaly_map_min", "anomaly_map_max")}
         anomaly_map = decode_map(row["anomaly_map"], row["anomaly_map_min"], row["anomaly_map_max"]) \
@@ -135,9 +118,11 @@ def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, see
         image = found.get(row["image_id"], {}).get("image")
         if image is None:
             continue
-        out.append(ExampleImage(image_id=row["image_id"], image=decode_rgb(image, size), anomaly_map=anomaly_map,
-                                score=row["score"], label=row["label"], category=row["category"]))
-    return out[: len(anomalous_rows)], out[len(anomalous_rows):]
+        # Each example stays in its section even when another's image is missing.
+        out[0 if position < len(anomalous_rows) else 1].append(
+            ExampleImage(image_id=row["image_id"], image=decode_rgb(image, size), anomaly_map=anomaly_map,
+                         score=row["score"], label=row["label"], category=row["category"]))
+    return out
 
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
@@ -150,6 +135,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         images = Location.parse(manifest.lineage["input"], context.root.settings)
     else:
         raise InputError(f"{scores_folder.uri} does not say which images it scored; set images.dataset")
+    datasets.read_manifest(images, table="images")  # fail fast: a missing or foreign images dataset
     table = datasets.read_table(scores_folder)
     usable = pc.and_(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])), pc.is_valid(table["score"]))
     skipped_errors = int(pc.sum(pc.is_valid(table["error"])).as_py() or 0)
@@ -191,9 +177,9 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = [f"  {'category':<12} " + " ".join(f"{n:>13}" for n in METRIC_NAMES) + f" {'images':>7}"]
-    for name, values in per_category.items():
-        lines.append(f"  {name:<12} " + " ".join(f"{fmt(values[n]):>13}" for n in METRIC_NAMES)
-                     + f" {values['images']:>7}")
+    for name, row in per_category.items():
+        lines.append(f"  {name:<12} " + " ".join(f"{fmt(row[n]):>13}" for n in METRIC_NAMES)
+                     + f" {row['images']:>7}")
     lines.append(f"  {'mean':<12} " + " ".join(f"{fmt(mean[n]):>13}" for n in METRIC_NAMES))
     lines.append(f"  left out: {skipped_errors} rows with errors, {unlabelled} with unknown labels")
     lines.append(f"  report: {out.join('report.html').uri}")

@@ -117,61 +117,29 @@ def decoded_images(selections: list[PartSelection], image_size: int, max_pixels:
         raise ValueError("no rows selected")
     locations = {s.part: s.location for s in selections if s.rows}
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        decode_parts, fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels},
+        decode_parts,  # type: ignore[arg-type]  # Ray types `fn` as fn(batch), leaving out fn_kwargs
+        fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels},
         batch_size=1, num_cpus=DECODE_CPUS)
 
 
-def cap_queued_images(stream: ray.data.Dataset, selections: list[PartSelection], image_size: int) -> ray.data.Dataset:
-    """Bound the decoded images waiting in Ray's object store for the model actors.
+def decoded_queue_bytes(selections: list[PartSelection], image_size: int) -> int:
+    """What to let wait in Ray's object store ahead of the model actors: a few input parts' worth
+    of decoded pixels, at least 256 MiB (see `cap_queued_rows`)."""
+    largest_part = max((len(s.rows) for s in selections), default=1)
+    return max(256 * 2**20, 3 * largest_part * image_size * image_size * 3)
+
+
+def cap_queued_rows(stream: ray.data.Dataset, cap_bytes: int) -> ray.data.Dataset:
+    """Bound the rows waiting in Ray's object store for the model actors.
 
     Decoding is much faster than a model, so without a cap the decode tasks run ahead and the
     queue grows with the archive until the object store is full (peak memory then depends on the
-    archive's size). The cap: a few input parts' worth of decoded pixels, at least 256 MiB.
-    """
-    largest_part = max((len(s.rows) for s in selections), default=1)
-    cap = max(256 * 2**20, 3 * largest_part * image_size * image_size * 3)
+    archive's size)."""
     options = stream.context.execution_options  # this dataset's own copy of the context
-    options.resource_limits = options.resource_limits.copy(object_store_memory=cap)
+    options.resource_limits = options.resource_limits.copy(object_store_memory=cap_bytes)
     return stream
-
-
-def finished_parts(folder: Location, selections: list[PartSelection], fingerprints: dict[int, str],
-                   schema: pa.Schema) -> dict[int, datasets.PartRecord]:
-    """Output parts already done: those an earlier attempt finished from the same input (same
-    fingerprint), plus an empty part for each input part with no selected rows (it keeps the
-    numbering whole). The rest is the work to do."""
-    records = {}
-    for selection in selections:
-        done = datasets.completed_part(folder, selection.part, fingerprints[selection.part])
-        if done is not None:
-            records[selection.part] = done
-        elif not selection.rows:
-            records[selection.part] = datasets.write_part(folder, selection.part, schema.empty_table(),
-                                                          fingerprints[selection.part])
-    return records
 
 
 def null_if_nan(value: Any) -> float | None:
     """Ray Data turns a None in an object column into NaN (and scores may be NaN); tables want null."""
     return None if value is None or np.isnan(float(value)) else float(value)
-
-
-def write_parts_as_completed(stream: ray.data.Dataset, expected: dict[int, int],
-                             build_table: Callable[[list[dict[str, Any]]], pa.Table], folder: Location,
-                             fingerprints: dict[int, str]) -> dict[int, datasets.PartRecord]:
-    """Collect a stream's rows by their input part (`_part`) and write output part N as soon as
-    all `expected[N]` rows of input part N have arrived: deterministic names, one part per input
-    part, memory bounded by the parts in flight. Returns the records of the parts written."""
-    from collections import defaultdict
-
-    records: dict[int, datasets.PartRecord] = {}
-    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["_part"])):
-            part = int(batch["_part"][i])
-            pending[part].append({k: v[i] for k, v in batch.items()})
-            if len(pending[part]) == expected[part]:
-                records[part] = datasets.write_part(folder, part, build_table(pending.pop(part)), fingerprints[part])
-    if pending:
-        raise RuntimeError(f"the stream ended with incomplete parts {sorted(pending)}")
-    return records

@@ -9,8 +9,8 @@ counted in the manifest and the run status. The manifest is written last.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,85 +19,15 @@ import ray.data
 
 from pipelines import datasets
 from pipelines.data.image_rows import build_image_rows
-from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvtec, list_skimage, refuse_links_outside
-from pipelines.errors import InputError, SpecError
-from pipelines.spec import (DatasetOutputSpec, ResourcesSpec, StepSpec, check_name, check_names, check_positive,
-                            normalize_uri)
+from pipelines.errors import InputError
+from pipelines.params.ingest import ELPVSource, FolderSource, IngestParams, MVTecSource, SkimageSource
+from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location, S3Settings, filesystem_for
 from pipelines.tables import IMAGES_SCHEMA, REJECTED_SCHEMA
 
 REJECTED_NAME = "rejected.parquet"
-
-
-@dataclass(frozen=True)
-class MVTecSource:
-    type: Literal["mvtec"]
-    uri: str
-    categories: tuple[str, ...] | None = None
-    follow_symlinks: bool = False  # local sources: ingest files that symlinks lead to outside `uri`
-
-    def validate(self, path: str) -> MVTecSource:
-        check_names(self.categories, f"{path}.categories")  # folder names under the uri
-        return replace(self, uri=normalize_uri(self.uri, f"{path}.uri"))
-
-
-@dataclass(frozen=True)
-class FolderSource:
-    type: Literal["folder"]
-    uri: str
-    category: str | None = None
-    split: Literal["train", "test"] = "test"
-    follow_symlinks: bool = False  # local sources: ingest files that symlinks lead to outside `uri`
-
-    def validate(self, path: str) -> FolderSource:
-        if self.category is not None:  # a category names per-category models and report sections
-            check_name(self.category, f"{path}.category")
-        return replace(self, uri=normalize_uri(self.uri, f"{path}.uri"))
-
-
-@dataclass(frozen=True)
-class ELPVSource:
-    type: Literal["elpv"]
-    uri: str | None = None  # a folder with labels.csv + images/; default: the elpv-dataset package
-    categories: tuple[Literal["mono", "poly"], ...] | None = None
-    normal_train_fraction: float = 0.6  # of each cell type's normal cells; the rest are test
-    split_seed: int = 0
-
-    def validate(self, path: str) -> ELPVSource:
-        if not 0.0 <= self.normal_train_fraction <= 1.0:
-            raise SpecError(f"{path}.normal_train_fraction", f"must be in [0, 1], got {self.normal_train_fraction}")
-        check_names(self.categories, f"{path}.categories")
-        check_positive(self.split_seed, f"{path}.split_seed", allow_zero=True)
-        uri = normalize_uri(self.uri, f"{path}.uri") if self.uri else None
-        return ELPVSource(self.type, uri, self.categories, self.normal_train_fraction, self.split_seed)
-
-
-@dataclass(frozen=True)
-class SkimageSource:
-    """Images bundled with scikit-image (default: its textures), e.g. as anomaly texture sources."""
-
-    type: Literal["skimage"]
-    images: tuple[str, ...] | None = None
-
-    def validate(self, path: str) -> SkimageSource:
-        if self.images is not None and not self.images:
-            raise SpecError(f"{path}.images", "is an empty list: name at least one image, or leave the key out "
-                                              "for the bundled textures")
-        return self
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    source: MVTecSource | FolderSource | ELPVSource | SkimageSource
-    outputs: DatasetOutputSpec
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    resources: ResourcesSpec = ResourcesSpec()
-
-    def validate(self, path: str) -> IngestParams:
-        check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")
-        return self
 
 
 def list_source(source: MVTecSource | FolderSource | ELPVSource | SkimageSource,
@@ -110,8 +40,8 @@ def list_source(source: MVTecSource | FolderSource | ELPVSource | SkimageSource,
     if isinstance(source, FolderSource):
         root = Location.parse(source.uri, settings)
         return refuse_links_outside(root, list_folder(root, source.category, source.split), source.follow_symlinks)
-    root = Location.parse(source.uri, settings) if source.uri else None
-    return list_elpv(root, source.categories, source.normal_train_fraction, source.split_seed)
+    elpv_root = Location.parse(source.uri, settings) if source.uri else None
+    return list_elpv(elpv_root, source.categories, source.normal_train_fraction, source.split_seed)
 
 
 # ---- items travel to Ray tasks as JSON (no filesystem: each task uses its own) ----------------
@@ -165,7 +95,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
 
     results = (
         ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        .map(_ingest_part,
+        .map(_ingest_part,  # type: ignore[arg-type]  # Ray types `fn` as fn(row), leaving out fn_kwargs
              fn_kwargs={"folder": folder, "source_settings": items[0].location.settings,
                         "max_pixels": params.max_image_pixels},
              num_cpus=params.resources.cpus_per_worker,

@@ -1,88 +1,90 @@
-"""`sample`: generate images with a trained DDPM artifact -> an images dataset (what the model learnt).
+"""`sample`: draw images from a generative model artifact -> an images dataset (what the model learnt).
 
-Each output part is one Ray task (GPU when asked for) that loads the EMA U-Net and runs the
-respaced ancestral sampler of `pipelines.models.ddpm.sample` with a generator seeded by (seed,
-part), so the same spec gives the same bytes and a rerun recomputes only missing parts. For a
-class-conditional model the classes cycle over the requested categories (default: all of them).
-Rows are images-table rows (split train, label 0) with the `synthesis` struct telling how they
-were made.
+Output part N holds rows N * rows_per_part ...; each part is one call of a sampler actor (GPU when
+asked for) that loaded the model once (`pipelines.stages.parts`). Every image has its own noise
+generator seeded by (seed, row), and a part is sampled in chunks from its first row, so the same
+spec gives the same bytes however the parts are spread over actors, and a rerun recomputes only
+missing parts. For a class-conditional model the classes cycle over the requested categories
+(default: all of them). Rows are images-table rows (split train, label 0) with the `synthesis`
+struct telling how they were made.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
+import ray.data
 from PIL import Image
 
 from pipelines import datasets
 from pipelines.errors import InputError, SpecError
-from pipelines.spec import DatasetOutputSpec, ModelInputSpec, ResourcesSpec, StepSpec, check_names, check_positive
+from pipelines.models.artifacts import ModelCard
+from pipelines.models.methods import MethodRecord
+from pipelines.params.sample import SampleParams
+from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
+from pipelines.stages.parts import PartPlan, Workers, run_parts
 from pipelines.storage import Location
+from pipelines.synthesis.recipe import row_seed
 from pipelines.tables import IMAGES_SCHEMA
 
 
-@dataclass(frozen=True)
-class SampleParams:
-    model: ModelInputSpec
-    outputs: DatasetOutputSpec
-    count: int = 16
-    steps: int = 20  # respaced reverse steps (DiffAD samples with 250; 20 is RealNet's SDAS)
-    categories: tuple[str, ...] | None = None  # class-conditional models: which classes (default all)
-    variance_scale: float = 0.0  # SDAS strength s: noise x sqrt(1 + s); 0 samples normal images
-    seed: int = 0
-    resources: ResourcesSpec = ResourcesSpec(workers=1, batch_size=16)
+class Sampler:
+    """Sampler actor: loads the generator once; each call samples the rows of whole output parts."""
 
-    def validate(self, path: str) -> SampleParams:
-        prefix = f"{path}." if path else ""
-        check_positive(self.count, f"{prefix}count")
-        check_positive(self.steps, f"{prefix}steps")
-        check_positive(self.variance_scale, f"{prefix}variance_scale", allow_zero=True)
-        check_positive(self.seed, f"{prefix}seed", allow_zero=True)
-        check_names(self.categories, f"{prefix}categories")
-        return self
+    def __init__(self, model_folder: Location, record: MethodRecord, params: SampleParams, classes: list[int] | None):
+        import torch
+
+        from pipelines.models.artifacts import ALL_CATEGORIES
+
+        torch.set_num_threads(max(1, int(params.resources.cpus_per_worker)))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        card = ModelCard.read(model_folder, record).require("generator", "sampling", capability="sample")
+        self.implementation = card.record.load()
+        self.model = card.load(self.device).models[ALL_CATEGORIES]
+        self.config = card.config
+        self.params = params
+        self.classes = classes  # class index per row (class-conditional models), else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        out: dict[str, list[Any]] = {"_part": [], "_row": [], "image": []}
+        for part, first, count in zip(batch["part"], batch["first_row"], batch["count"]):
+            rows = list(range(int(first), int(first) + int(count)))
+            generators = [torch.Generator(device=self.device).manual_seed(row_seed(self.params.seed, "sample", row))
+                          for row in rows]
+            labels = (torch.tensor([self.classes[row] for row in rows], device=self.device)
+                      if self.classes is not None else None)
+            images = self.implementation.sample(
+                self.model, self.config, len(rows), self.params.steps, generators, class_labels=labels,
+                variance_scale=self.params.variance_scale, device=self.device,
+                batch_size=self.params.resources.batch_size)
+            for row, image in zip(rows, images):
+                out["_part"].append(int(part))
+                out["_row"].append(row)
+                out["image"].append(_png(image))
+        return {"_part": np.asarray(out["_part"], np.int64), "_row": np.asarray(out["_row"], np.int64),
+                "image": np.asarray(out["image"], object)}
 
 
-@ray.remote
-def sample_part(model_folder: Location, index: int, class_indices: list[int] | None, count: int,
-                steps: int, seed: int, variance_scale: float, batch_size: int, threads: int) -> list[bytes]:
-    """PNG bytes of `count` samples; deterministic given (seed, index)."""
-    import torch
-
-    from pipelines.models.ddpm import sample
-    from pipelines.models.registry import ALL_CATEGORIES, TrainedDetector
-
-    torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    artifact = TrainedDetector.load(model_folder, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-    labels = torch.tensor(class_indices, device=device) if class_indices is not None else None
-    images = sample(artifact.models[ALL_CATEGORIES], artifact.config, count, steps, generator,
-                    class_labels=labels, variance_scale=variance_scale, device=device, batch_size=batch_size)
-    encoded = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
-    from pipelines.models.registry import ModelCard
-
     params: SampleParams = step.params
     started = time.monotonic()
     model_folder = context.input_dataset(params.model)
-    card = ModelCard.read(model_folder)
-    if card.method != "ddpm":
-        raise InputError(f"{model_folder.uri} is a {card.method!r} model; sampling needs a ddpm model")
+    card = ModelCard.read(model_folder).require("generator", "sampling", capability="sample")
     class_names = list(card.info.get("class_names", []))
-    conditional = card.config.num_classes > 0
+    conditional = getattr(card.config, "num_classes", 0) > 0
     if params.categories and not conditional:
         raise SpecError(f"steps.{step.name}.categories" if step.name else "categories",
                         "the model is not class-conditional: leave categories out")
@@ -99,45 +101,44 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     folder = context.dataset_folder(params.outputs)
     per_part = params.outputs.part_rows
     part_count = -(-params.count // per_part)
-    model_version = f"{model_folder.parent().name}@{model_folder.name}"
-    records: dict[int, datasets.PartRecord] = {}
-    pending: dict[ray.ObjectRef, tuple[int, list[int], str]] = {}
+    first_row = {index: index * per_part for index in range(part_count)}
+    plans = []
     for index in range(part_count):
-        rows = list(range(index * per_part, min(params.count, (index + 1) * per_part)))
-        part_fingerprint = datasets.fingerprint([model_folder.uri, card.info.get("steps"), rows, params.steps,
-                                                 params.seed, params.variance_scale, wanted])
-        done = datasets.completed_part(folder, index, part_fingerprint)
-        if done is not None:
-            records[index] = done
-            continue
-        classes = [class_names.index(category(i)) for i in rows] if conditional else None
-        ref = sample_part.options(num_cpus=params.resources.cpus_per_worker,
-                                  num_gpus=params.resources.gpus_per_worker or None).remote(
-            model_folder, index, classes, len(rows), params.steps, params.seed, params.variance_scale,
-            params.resources.batch_size, int(params.resources.cpus_per_worker))
-        pending[ref] = (index, rows, part_fingerprint)
-    context.log("sampling", images=params.count, parts=part_count, reused_parts=len(records), model=model_version)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        index, rows, part_fingerprint = pending.pop(ready[0])
-        encoded = ray.get(ready[0])
-        size = card.image_size
-        table = pa.Table.from_pylist([{
-            "image_id": f"{params.outputs.dataset}/sample-{i:06d}", "image": png, "category": category(i),
-            "split": "train", "label": 0, "width": size, "height": size,
-            "color_mode": "RGB" if card.config.in_channels == 3 else "L", "source_uri": model_folder.uri,
-            "synthesis": {"method": "ddpm-sample", "strength": float(params.variance_scale), "opacity": None,
+        rows = list(range(first_row[index], min(params.count, (index + 1) * per_part)))
+        plans.append(PartPlan(index, datasets.fingerprint([model_folder.uri, card.info.get("steps"), rows, params.steps,
+                                                           params.seed, params.variance_scale, wanted]), len(rows)))
+    context.log("sampling", images=params.count, parts=part_count, model=card.version)
+    size = card.image_size
+    color_mode = "RGB" if getattr(card.config, "in_channels", 3) == 3 else "L"
+
+    def build(rows: list[dict[str, Any]]) -> pa.Table:
+        return pa.Table.from_pylist([{
+            "image_id": f"{params.outputs.dataset}/sample-{int(r['_row']):06d}", "image": r["image"],
+            "category": category(int(r["_row"])), "split": "train", "label": 0, "width": size, "height": size,
+            "color_mode": color_mode, "source_uri": model_folder.uri,
+            "synthesis": {"method": f"{card.method}-sample", "strength": float(params.variance_scale), "opacity": None,
                           "seed": params.seed, "source_image_id": None, "prompt": None,
-                          "model_version": model_version}}
-            for i, png in zip(rows, encoded)], schema=IMAGES_SCHEMA)
-        records[index] = datasets.write_part(folder, index, table, part_fingerprint)
+                          "model_version": card.version}}
+            for r in sorted(rows, key=lambda r: int(r["_row"]))], schema=IMAGES_SCHEMA)
+
+    classes = [class_names.index(category(i)) for i in range(params.count)] if conditional else None
+    outcome = run_parts(
+        folder, plans, IMAGES_SCHEMA,
+        source=lambda todo: ray.data.from_items(
+            [{"part": p.part, "first_row": first_row[p.part], "count": p.rows} for p in todo],
+            override_num_blocks=len(todo)),
+        workers=Workers(Sampler, {"model_folder": model_folder, "record": card.record, "params": params,
+                                           "classes": classes},
+                        params.resources, batch_size=1, queue_bytes=256 * 2**20),
+        build_table=build)
     published = datasets.publish(folder, name=params.outputs.dataset, version=params.outputs.version or context.run_id,
-                                 table="images", schema=IMAGES_SCHEMA, parts=[records[i] for i in range(part_count)],
+                                 table="images", schema=IMAGES_SCHEMA, parts=outcome.records,
                                  lineage=context.lineage(model=model_folder.uri))
     seconds = time.monotonic() - started
-    return StepResult(output=folder.uri, rows=published.rows, details={"seconds": round(seconds, 2)},
+    return StepResult(output=folder.uri, rows=published.rows,
+                      details={"seconds": round(seconds, 2), "reused_parts": outcome.reused},
                       summary=(f"sampled {published.rows} images ({params.steps} steps, s={params.variance_scale:g}) "
-                               f"from {model_version} in {seconds:.1f} s -> {folder.uri}",))
+                               f"from {card.version} in {seconds:.1f} s -> {folder.uri}",))
 
 
 def published_record(step: StepSpec, context: StepContext) -> Location:

@@ -1,9 +1,8 @@
 """`score`: stream an images dataset (an archive) through a model -> a scores dataset.
 
-Ray Data: one CPU decode task per input part -> a pool of scorer actors (`ActorPoolStrategy`,
-GPUs when asked for) -> the driver, which collects each input part's rows and writes the matching
-output part as soon as it is complete (same index, so names are deterministic; parts finished by
-an earlier attempt with the same input are skipped). Rows that cannot be decoded or scored are kept
+One CPU decode task per input part -> a pool of scorer actors (GPUs when asked for), each holding
+the detector's per-category models -> output parts written as they complete, parts an earlier
+attempt finished from the same input reused (`pipelines.stages.parts`). Rows that cannot be decoded or scored are kept
 with `error` set; the job succeeds and counts them. The manifest is written last.
 """
 
@@ -11,62 +10,42 @@ from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
 import torch
 
 from pipelines import datasets
-from pipelines.data.images import DEFAULT_MAX_PIXELS
-from pipelines.models.inference import encode_map, score_in_slots
-from pipelines.models.registry import ModelCard, TrainedDetector
 from pipelines.errors import InputError
-from pipelines.spec import (NAME_PATTERN, NAME_RULE, DatasetInputSpec, ModelInputSpec, ResourcesSpec, StepSpec,
-                            check_name, check_positive)
+from pipelines.models.artifacts import ModelCard
+from pipelines.models.inference import encode_map, score_in_slots
+from pipelines.models.methods import MethodRecord
+from pipelines.params.score import ScoreParams
+from pipelines.spec import StepSpec
+from pipelines.spec_fields import NAME_PATTERN, NAME_RULE
 from pipelines.stages.base import StageKind, StepContext, StepResult
-from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
-                                             finished_parts, null_if_nan, select_rows, write_parts_as_completed)
+from pipelines.stages.image_batches import (
+    check_room_for_decoding,
+    decoded_images,
+    decoded_queue_bytes,
+    null_if_nan,
+    select_rows,
+)
+from pipelines.stages.parts import PartPlan, Workers, run_parts
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
 
-@dataclass(frozen=True)
-class ScoreOutputSpec:
-    archive: str | None = None  # folder name under scores/; default: the input dataset's name
-    anomaly_maps: bool = False
+class Scorer:
+    """Scorer actor: loads the detector's models once, then scores batches of decoded rows."""
 
-    def validate(self, path: str) -> ScoreOutputSpec:
-        if self.archive is not None:
-            check_name(self.archive, f"{path}.archive")
-        return self
-
-
-@dataclass(frozen=True)
-class ScoreParams:
-    inputs: DatasetInputSpec
-    model: ModelInputSpec
-    split: Literal["train", "test"] | None = None  # score only this split; default: every row
-    outputs: ScoreOutputSpec = ScoreOutputSpec()
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    resources: ResourcesSpec = ResourcesSpec(workers=1)
-
-    def validate(self, path: str) -> ScoreParams:
-        check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")
-        return self
-
-
-class ScoreBatch:
-    """Scorer actor: loads the model once, then scores batches of decoded rows."""
-
-    def __init__(self, model_folder: Location, batch_size: int, anomaly_maps: bool, threads: int):
+    def __init__(self, model_folder: Location, record: MethodRecord, batch_size: int, anomaly_maps: bool,
+                 threads: int):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.detector = TrainedDetector.load(model_folder, device=self.device)
+        self.models = ModelCard.read(model_folder, record).require("detector", "scoring").load(self.device)
         self.batch_size = batch_size
         self.anomaly_maps = anomaly_maps
 
@@ -78,7 +57,7 @@ class ScoreBatch:
         lows = np.full(count, np.nan, np.float32)
         highs = np.full(count, np.nan, np.float32)
         errors = np.array([str(e) for e in batch["error"]], object)
-        keys = np.array([self.detector.key_for(c) for c in batch["category"]], object)
+        keys = np.array([self.models.key_for(c) for c in batch["category"]], object)
         for index in np.flatnonzero((errors == "") & (keys == None)):  # noqa: E711 - elementwise
             errors[index] = f"no model for category {batch['category'][index]!r}"
         for key in sorted({k for k in keys if k is not None}):
@@ -87,10 +66,10 @@ class ScoreBatch:
                 continue
             # Slots come from the position in the input part: see pipelines.models.inference.
             member_scores, member_maps = score_in_slots(
-                self.detector.models[key], batch["pixels"][members], batch["_seq"][members],
-                self.batch_size, self.device, parts=batch["_part"][members])
+                self.models.models[key], batch["pixels"][members], batch["_seq"][members],
+                self.batch_size, self.device, parts=batch["_part"][members], row_ids=batch["image_id"][members])
             scores[members] = member_scores
-            thresholds[members] = self.detector.thresholds.get(key, np.nan)
+            thresholds[members] = self.models.thresholds.get(key, np.nan)
             if self.anomaly_maps:
                 for position, index in enumerate(members):
                     maps[index], lows[index], highs[index] = encode_map(member_maps[position])
@@ -128,11 +107,10 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     images = context.input_dataset(params.inputs)
     manifest = datasets.read_manifest(images, table="images")
     model_folder = context.input_dataset(params.model)
-    card = ModelCard.read(model_folder)  # fail fast (exit 2) on a missing or foreign model; no tensors
-    if not card.scores_images:
-        raise InputError(f"{model_folder.uri} is a {card.method!r} model, which does not score images")
+    # Fail fast (exit 2) on a missing, foreign or non-detector model, from config.json alone.
+    card = ModelCard.read(model_folder).require("detector", "scoring")
     check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
-    model_name = f"{model_folder.parent().name}@{model_folder.name}"
+    model_name = card.version
     archive = params.outputs.archive or manifest.name
     if params.outputs.archive is None and not NAME_PATTERN.match(archive):
         # The manifest comes from storage, not from the validated spec: its name is untrusted.
@@ -140,7 +118,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                          f"scores folder ({NAME_RULE}); set outputs.archive in the spec")
     folder = context.root.join("scores", archive, model_name, context.run_id)
     scored_at = datetime.datetime.strptime(context.record.status["started_at"], "%Y-%m-%dT%H:%M:%SZ") \
-        .replace(tzinfo=datetime.timezone.utc)
+        .replace(tzinfo=datetime.UTC)
 
     def wanted(table: pa.Table) -> np.ndarray:
         if params.split is None:
@@ -149,44 +127,32 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
 
     selections, _ = select_rows(images, manifest, wanted)
     model_fingerprint = datasets.fingerprint([model_folder.uri, card.thresholds])
-    fingerprints = {s.part: datasets.fingerprint([s.location.uri, s.rows, model_fingerprint,
-                                                  params.outputs.anomaly_maps, params.max_image_pixels])
-                    for s in selections}
-    records = finished_parts(folder, selections, fingerprints, SCORES_SCHEMA)
-    reused = sum(1 for s in selections if s.rows and s.part in records)
-    todo = [s for s in selections if s.part not in records]
-    expected = {s.part: len(s.rows) for s in todo}
-    context.log("scoring", images=sum(expected.values()), parts=len(todo), reused_parts=reused, output=folder.uri)
+    plans = [PartPlan(s.part, datasets.fingerprint([s.location.uri, s.rows, model_fingerprint,
+                                                    params.outputs.anomaly_maps, params.max_image_pixels]),
+                      len(s.rows)) for s in selections]
+    by_part = {s.part: s for s in selections}
+    resources = params.resources
+    context.log("scoring", images=sum(len(s.rows) for s in selections), parts=len(selections), output=folder.uri)
+    outcome = run_parts(
+        folder, plans, SCORES_SCHEMA,
+        source=lambda todo: decoded_images([by_part[p.part] for p in todo], card.image_size, params.max_image_pixels),
+        workers=Workers(Scorer, {"model_folder": model_folder, "record": card.record,
+                                 "batch_size": resources.batch_size, "anomaly_maps": params.outputs.anomaly_maps,
+                                 "threads": int(resources.cpus_per_worker)},
+                        resources, resources.batch_size, decoded_queue_bytes(selections, card.image_size)),
+        build_table=lambda rows: _part_table(rows, model_name, context.run_id, scored_at))
 
-    scored = 0
-    if todo:
-        resources = params.resources
-        stream = decoded_images(todo, card.image_size, params.max_image_pixels).map_batches(
-            ScoreBatch,
-            fn_constructor_kwargs={"model_folder": model_folder, "batch_size": resources.batch_size,
-                                   "anomaly_maps": params.outputs.anomaly_maps,
-                                   "threads": int(resources.cpus_per_worker)},
-            batch_size=resources.batch_size, num_cpus=resources.cpus_per_worker,
-            num_gpus=resources.gpus_per_worker or None,
-            compute=ray.data.ActorPoolStrategy(size=resources.workers))
-        stream = cap_queued_images(stream, todo, card.image_size)
-        written = write_parts_as_completed(
-            stream, expected, lambda rows: _part_table(rows, model_name, context.run_id, scored_at), folder,
-            fingerprints)
-        records.update(written)
-        scored = sum(r.rows for r in written.values())
-
-    ordered = [records[s.part] for s in selections]
-    error_rows, predicted = _count_outcomes(folder, ordered)
+    error_rows, predicted = _count_outcomes(folder, outcome.records)
     seconds = time.monotonic() - started
+    scored = outcome.rows_computed
     published = datasets.publish(
-        folder, name=archive, version=context.run_id, table="scores", schema=SCORES_SCHEMA, parts=ordered,
+        folder, name=archive, version=context.run_id, table="scores", schema=SCORES_SCHEMA, parts=outcome.records,
         lineage=context.lineage(input=images.uri, model=model_folder.uri),
         extra={"errors": len(error_rows), "predicted_anomalous": predicted, "model": model_name},
     )
     lines = [f"scored {published.rows} images with {model_name} in {seconds:.1f} s "
              f"({scored / seconds:.1f} images/s) -> {folder.uri}"
-             + (f" ({reused} parts from an earlier attempt)" if reused else ""),
+             + (f" ({outcome.reused} parts from an earlier attempt)" if outcome.reused else ""),
              f"  {predicted} predicted anomalous at the model's thresholds"]
     if error_rows:
         lines.append(f"  {len(error_rows)} rows could not be scored (kept with their error):")
@@ -194,7 +160,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     return StepResult(output=folder.uri, rows=published.rows, rejected=len(error_rows),
                       details={"errors": len(error_rows), "predicted_anomalous": predicted,
                                "images_per_second": round(scored / seconds, 2) if scored else None,
-                               "reused_parts": reused},
+                               "reused_parts": outcome.reused},
                       summary=tuple(lines))
 
 

@@ -14,163 +14,58 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
 from PIL import Image
 
 from pipelines import datasets
-from pipelines.data.images import DEFAULT_MAX_PIXELS
 from pipelines.data.sampling import in_fraction
-from pipelines.errors import InputError, SpecError
-from pipelines.spec import (DatasetInputSpec, DatasetOutputSpec, ModelInputSpec, ResourcesSpec, StepSpec,
-                            check_image_size, check_names, check_positive)
+from pipelines.errors import InputError
+from pipelines.params.synthesize import SynthesizeParams
+from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
-from pipelines.stages.image_batches import (cap_queued_images, check_room_for_decoding, decoded_images,
-                                             finished_parts, null_if_nan, select_rows, write_parts_as_completed)
+from pipelines.stages.image_batches import (
+    check_room_for_decoding,
+    decoded_images,
+    decoded_queue_bytes,
+    null_if_nan,
+    select_rows,
+)
+from pipelines.stages.parts import PartPlan, Workers, run_parts
 from pipelines.storage import Location
-from pipelines.synthesis.perlin import PerlinConfig
 from pipelines.tables import IMAGES_SCHEMA
 
 MAX_TEXTURES = 256  # texture images an actor keeps in memory
 MAX_DONORS = 64  # normal images an actor keeps as Poisson donors
 
 
-def _check_range(value: tuple[float, ...], path: str, low: float = 0.0, high: float = 1.0) -> None:
-    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
-        raise SpecError(path, f"must be [min, max] with {low} <= min <= max <= {high}, got {list(value)}")
-
-
-@dataclass(frozen=True)
-class TextureSourceSpec:
-    type: Literal["texture"]
-    textures: DatasetInputSpec  # any images dataset (e.g. DTD-like textures)
-    weight: float = 1.0
-    opacity: tuple[float, ...] = (0.2, 1.0)  # delta range, RealNet's default for textures
-
-    def validate(self, path: str) -> TextureSourceSpec:
-        check_positive(self.weight, f"{path}.weight")
-        _check_range(self.opacity, f"{path}.opacity")
-        return self
-
-
-@dataclass(frozen=True)
-class SdasSourceSpec:
-    type: Literal["sdas"]
-    model: ModelInputSpec  # a ddpm model artifact (train method ddpm)
-    weight: float = 1.0
-    opacity: tuple[float, ...] = (0.5, 1.0)  # RealNet's default for SDAS sources
-    strength: tuple[float, ...] = (0.1, 0.2)  # s, drawn per batch: noise x sqrt(1 + s)
-    steps: int = 20  # respaced reverse steps
-
-    def validate(self, path: str) -> SdasSourceSpec:
-        check_positive(self.weight, f"{path}.weight")
-        _check_range(self.opacity, f"{path}.opacity")
-        _check_range(self.strength, f"{path}.strength", high=10.0)
-        check_positive(self.steps, f"{path}.steps")
-        return self
-
-
-@dataclass(frozen=True)
-class CutPasteSourceSpec:
-    type: Literal["cutpaste"]
-    weight: float = 1.0
-    opacity: tuple[float, ...] = (1.0, 1.0)  # the patch pasted as is
-
-    def validate(self, path: str) -> CutPasteSourceSpec:
-        check_positive(self.weight, f"{path}.weight")
-        _check_range(self.opacity, f"{path}.opacity")
-        return self
-
-
-@dataclass(frozen=True)
-class PoissonSourceSpec:
-    type: Literal["poisson"]  # NSA-style: a patch of another normal image, seamlessly cloned
-    weight: float = 1.0
-    opacity: tuple[float, ...] = (1.0, 1.0)
-
-    def validate(self, path: str) -> PoissonSourceSpec:
-        check_positive(self.weight, f"{path}.weight")
-        _check_range(self.opacity, f"{path}.opacity")
-        return self
-
-
-SourceSpec = TextureSourceSpec | SdasSourceSpec | CutPasteSourceSpec | PoissonSourceSpec
-
-
-@dataclass(frozen=True)
-class ForegroundSpec:
-    method: Literal["otsu", "triangle"] = "otsu"
-    invert: bool = False  # the object is darker than the background
-    categories: tuple[str, ...] | None = None  # only these categories (objects); default every one
-
-    def validate(self, path: str) -> ForegroundSpec:
-        check_names(self.categories, f"{path}.categories")
-        return self
-
-
-@dataclass(frozen=True)
-class SynthesizeParams:
-    inputs: DatasetInputSpec  # its normal training rows (split train, label 0) are the images used
-    outputs: DatasetOutputSpec
-    sources: tuple[SourceSpec, ...]
-    per_image: int = 1  # synthetic anomalies per input image
-    include_normals: bool = False  # also write the untouched normals (label 0): a ready 50/50 mix
-    image_size: int = 256
-    perlin: PerlinConfig = PerlinConfig()
-    foreground: ForegroundSpec | None = None
-    categories: tuple[str, ...] | None = None
-    sample_fraction: float = 1.0  # of the normal training images, a seeded choice by image id
-    split: Literal["train", "test"] = "train"  # the split written on the output rows
-    seed: int = 0
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    resources: ResourcesSpec = ResourcesSpec(workers=1, batch_size=8)
-
-    def validate(self, path: str) -> SynthesizeParams:
-        prefix = f"{path}." if path else ""
-        if not self.sources:
-            raise SpecError(f"{prefix}sources", "give at least one anomaly source (texture, sdas, cutpaste, poisson)")
-        check_positive(self.per_image, f"{prefix}per_image")
-        if not 0.0 < self.sample_fraction <= 1.0:
-            raise SpecError(f"{prefix}sample_fraction", f"must be in (0, 1], got {self.sample_fraction}")
-        check_image_size(self.image_size, f"{prefix}image_size", minimum=16)
-        check_positive(self.seed, f"{prefix}seed", allow_zero=True)
-        check_positive(self.max_image_pixels, f"{prefix}max_image_pixels")
-        check_names(self.categories, f"{prefix}categories")
-        if self.outputs.rows_per_part is not None:
-            raise SpecError(f"{prefix}outputs.rows_per_part", "does not apply to synthesize: each output part holds "
-                            "the anomalies of one input part (so a rerun redoes only the missing parts); remove it")
-        self.perlin.validate(f"{prefix}perlin", image_size=self.image_size)  # no more lattice cells than pixels
-        return self
-
-
 class SynthesizeBatch:
     """Synthesizer actor: holds the textures and the SDAS model; makes anomalies for a batch."""
 
     def __init__(self, params: SynthesizeParams, textures: Location | None, sdas_model: Location | None,
-                 donors: list[tuple[Location, list[int]]] | None):
+                 sdas_record: Any, donors: list[tuple[Location, list[int]]] | None):
         from pipelines.synthesis.recipe import SourcePlan
 
         self.params = params
-        self.plans = tuple(SourcePlan(s.type, s.weight, tuple(s.opacity)) for s in params.sources)
+        self.plans = tuple(SourcePlan(s.type, s.weight, (s.opacity[0], s.opacity[1])) for s in params.sources)
         self.textures = _load_textures(textures, params.image_size) if textures is not None else None
         # Poisson donors: a fixed pool of normal images (the same on every actor), so that which
         # donor a row gets does not depend on how Ray Data happened to batch the rows.
         self.donors = _load_donors(donors, params.image_size) if donors else None
-        self.sdas = None
+        self.sdas: tuple[Any, Any, Any, list[str]] | None = None
         if sdas_model is not None:
             import torch
 
-            from pipelines.models.registry import ALL_CATEGORIES, TrainedDetector
+            from pipelines.models.artifacts import ALL_CATEGORIES, ModelCard
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            artifact = TrainedDetector.load(sdas_model, device=self.device)
-            self.sdas = (artifact.models[ALL_CATEGORIES], artifact.config, artifact.info.get("class_names", []))
+            card = ModelCard.read(sdas_model, sdas_record).require("generator", "the sdas source", capability="sdas")
+            models = card.load(self.device)
+            self.sdas = (card.record.load(), models.models[ALL_CATEGORIES], card.config,
+                         card.info.get("class_names", []))
 
     def _sdas_samples(self, categories: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, list[float]]:
         """One SDAS sample per row, with its own noise and strength drawn from the row's seed, so
@@ -178,11 +73,11 @@ class SynthesizeBatch:
         (RealNet draws one s per training batch; here a "batch" is an accident of scheduling)."""
         import torch
 
-        from pipelines.models.ddpm import sample
-
         spec = next(s for s in self.params.sources if s.type == "sdas")
-        model, config, class_names = self.sdas
-        strengths = [float(np.random.default_rng([seed, 1]).uniform(*spec.strength)) for seed in seeds]
+        assert self.sdas is not None  # an sdas source comes with its model (the driver loads it)
+        implementation, model, config, class_names = self.sdas
+        low, high = spec.strength
+        strengths = [float(np.random.default_rng([seed, 1]).uniform(low, high)) for seed in seeds]
         labels = None
         if config.num_classes:
             missing = sorted({c for c in categories if c not in class_names})
@@ -190,8 +85,8 @@ class SynthesizeBatch:
                 raise InputError(f"the SDAS model has no classes {missing} (its classes: {class_names})")
             labels = torch.tensor([class_names.index(c) for c in categories], device=self.device)
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-        images = sample(model, config, len(seeds), spec.steps, generators, class_labels=labels,
-                        variance_scale=strengths, device=self.device)
+        images = implementation.sample(model, config, len(seeds), spec.steps, generators, class_labels=labels,
+                                       variance_scale=strengths, device=self.device)
         return images, strengths
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,6 +116,7 @@ class SynthesizeBatch:
                 foreground = {"method": wanted.method, "invert": wanted.invert}
             donor = None
             if plan.method == "poisson":  # another normal image of the pool (chosen by the row's seed)
+                assert self.donors is not None  # a poisson source comes with its donor pool
                 ids, images = self.donors
                 others = [i for i, donor_id in enumerate(ids) if donor_id != batch["image_id"][index]] or [0]
                 donor = images[others[seed % len(others)]]
@@ -236,10 +132,10 @@ class SynthesizeBatch:
                     self._emit(out, batch, index, str(batch["image_id"][index]), 0, batch["pixels"][index],
                                None, None, None, None, None, 0.0)
         per_row = params.per_image + int(params.include_normals)
-        for index in np.flatnonzero([bool(e) for e in batch["error"]]):
+        for bad in np.flatnonzero([bool(e) for e in batch["error"]]):
             # As many rows as a good image gives (the driver counts rows per part), each with the reason.
             for _ in range(per_row):
-                self._emit(out, batch, int(index), str(batch["image_id"][index]), None, None, None, None, None,
+                self._emit(out, batch, int(bad), str(batch["image_id"][bad]), None, None, None, None, None,
                            None, None, 0.0, error=str(batch["error"][index]))
         return {k: np.array(v, dtype=object) if k not in ("_part", "_row") else np.array(v, np.int64)
                 for k, v in out.items()}
@@ -333,8 +229,9 @@ def _part_table(rows: list[dict[str, Any]], params: SynthesizeParams, model_vers
             "label": int(r["label"]), "defect_type": r["method"] if synthetic else None,
             "mask": r["mask"] if synthetic else None, "width": size, "height": size, "color_mode": "RGB",
             "source_uri": None,
-            "synthesis": {"method": r["method"], "strength": null_if_nan(r["strength"]), "opacity": null_if_nan(r["opacity"]),
-                          "seed": r["seed"], "source_image_id": r["source_image_id"], "prompt": None,
+            "synthesis": {"method": r["method"], "strength": null_if_nan(r["strength"]),
+                          "opacity": null_if_nan(r["opacity"]), "seed": r["seed"],
+                          "source_image_id": r["source_image_id"], "prompt": None,
                           "model_version": model_version if r["method"] == "sdas" else None} if synthetic else None,
         })
     return pa.Table.from_pylist(records, schema=IMAGES_SCHEMA)
@@ -350,15 +247,13 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     textures = context.input_dataset(texture_spec.textures) if texture_spec else None
     if textures is not None:
         datasets.read_manifest(textures, table="images")  # fail fast on a missing texture dataset
-    sdas_model, model_version = None, None
+    sdas_model, sdas_record, model_version = None, None, None
     if sdas_spec is not None:
-        from pipelines.models.registry import ModelCard
+        from pipelines.models.artifacts import ModelCard
 
         sdas_model = context.input_dataset(sdas_spec.model)
-        card = ModelCard.read(sdas_model)
-        if card.method != "ddpm":
-            raise InputError(f"the sdas source needs a ddpm model; {sdas_model.uri} is {card.method!r}")
-        model_version = f"{sdas_model.parent().name}@{sdas_model.name}"
+        card = ModelCard.read(sdas_model).require("generator", "the sdas source", capability="sdas")
+        sdas_record, model_version = card.record, card.version
     check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "synthesizer worker")
 
     def normal_train(table: pa.Table) -> np.ndarray:
@@ -377,52 +272,51 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     folder = context.dataset_folder(params.outputs)
     spec_fingerprint = datasets.fingerprint([str(params), textures.uri if textures else None,
                                             sdas_model.uri if sdas_model else None])
-    fingerprints = {s.part: datasets.fingerprint([s.location.uri, s.rows, spec_fingerprint]) for s in selections}
-    records = finished_parts(folder, selections, fingerprints, IMAGES_SCHEMA)
-    todo = [s for s in selections if s.part not in records]
     per_row = params.per_image + int(params.include_normals)
-    context.log("synthesizing", images=sum(len(s.rows) for s in todo), per_image=params.per_image,
-                sources=[s.type for s in params.sources], parts=len(todo), reused_parts=len(selections) - len(todo))
-    stats: list[dict[str, Any]] = []
-    if todo:
-        resources = params.resources
-        stream = decoded_images(todo, params.image_size, params.max_image_pixels).map_batches(
-            SynthesizeBatch, fn_constructor_kwargs={
-                "params": params, "textures": textures, "sdas_model": sdas_model,
-                "donors": _donor_pool(selections) if any(s.type == "poisson" for s in params.sources) else None},
-            batch_size=resources.batch_size, num_cpus=resources.cpus_per_worker,
-            num_gpus=resources.gpus_per_worker or None, compute=ray.data.ActorPoolStrategy(size=resources.workers))
-        stream = cap_queued_images(stream, todo, params.image_size)
-        expected = {s.part: len(s.rows) * per_row for s in todo}
+    plans = [PartPlan(s.part, datasets.fingerprint([s.location.uri, s.rows, spec_fingerprint]), len(s.rows) * per_row)
+             for s in selections]
+    by_part = {s.part: s for s in selections}
+    context.log("synthesizing", images=chosen.num_rows, per_image=params.per_image,
+                sources=[s.type for s in params.sources], parts=len(selections))
+    failures: list[dict[str, Any]] = []
 
-        def build(rows: list[dict[str, Any]]) -> pa.Table:
-            stats.extend({"error": r["error"], "image_id": r["image_id"]} for r in rows if r["error"])
-            return _part_table(rows, params, model_version)
+    def build(rows: list[dict[str, Any]]) -> pa.Table:
+        failures.extend({"error": r["error"], "image_id": r["image_id"]} for r in rows if r["error"])
+        return _part_table(rows, params, model_version)
 
-        records.update(write_parts_as_completed(stream, expected, build, folder, fingerprints))
-    ordered = [records[s.part] for s in selections]
+    resources = params.resources
+    outcome = run_parts(
+        folder, plans, IMAGES_SCHEMA,
+        source=lambda todo: decoded_images([by_part[p.part] for p in todo], params.image_size,
+                                           params.max_image_pixels),
+        workers=Workers(SynthesizeBatch, {
+            "params": params, "textures": textures, "sdas_model": sdas_model, "sdas_record": sdas_record,
+            "donors": _donor_pool(selections) if any(s.type == "poisson" for s in params.sources) else None},
+            resources, resources.batch_size, decoded_queue_bytes(selections, params.image_size)),
+        build_table=build)
     published = datasets.publish(folder, name=params.outputs.dataset, version=params.outputs.version or context.run_id,
-                                 table="images", schema=IMAGES_SCHEMA, parts=ordered,
+                                 table="images", schema=IMAGES_SCHEMA, parts=outcome.records,
                                  lineage=context.lineage(input=folder_in.uri,
                                                          textures=textures.uri if textures else None,
                                                          sdas_model=sdas_model.uri if sdas_model else None))
     report_folder = context.root.join("runs", context.run_id, "steps", context.step.name)
     summary = _write_quality_summary(folder, report_folder)
     seconds = time.monotonic() - started
-    failed = list({s["image_id"]: s for s in stats}.values())  # one per undecodable input image
+    failed = list({s["image_id"]: s for s in failures}.values())  # one per undecodable input image
     lines = [f"synthesized {summary['synthetic']} anomalies"
              + (f" + {summary['normal']} normals" if params.include_normals else "")
              + f" from {chosen.num_rows} normal images in {seconds:.1f} s -> {folder.uri}",
              "  per source: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["per_source"].items())),
              f"  mask coverage: median {summary['coverage_median']:.1%}, "
              f"5-95% {summary['coverage_p05']:.1%}-{summary['coverage_p95']:.1%}",
-             f"  quality summary: {report_folder.join('synthesis_summary.json').uri} (+ contact_sheet.png, coverage.png)"]
+             f"  quality summary: {report_folder.join('synthesis_summary.json').uri} "
+             "(+ contact_sheet.png, coverage.png)"]
     if failed:
         lines.append(f"  {len(failed)} input images could not be decoded (no anomaly made from them): "
                      + ", ".join(f"{s['image_id']} ({s['error']})" for s in failed[:5]))
     return StepResult(output=folder.uri, rows=published.rows, rejected=len(failed),
                       details={"synthetic": summary["synthetic"], "per_source": summary["per_source"],
-                               "reused_parts": len(selections) - len(todo),
+                               "reused_parts": outcome.reused,
                                "images_per_second": round(summary["synthetic"] / seconds, 2)},
                       summary=tuple(lines))
 

@@ -1,4 +1,4 @@
-"""Blending an anomaly source into a normal image under a mask (RealNet, METHODS.md section 4).
+"""Blending an anomaly source into a normal image under a mask (RealNet, docs/methods.md#the-blend).
 
     A = (1 - M) * I + (1 - delta) * (M * I) + delta * (M * P)
 

@@ -1,6 +1,6 @@
 """Object foreground masks: where on an object image a synthetic anomaly may be placed.
 
-RealNet (METHODS.md section 4) intersects its Perlin masks with the object's foreground for object
+RealNet (docs/methods.md#foreground-masks) intersects its Perlin masks with the object's foreground for object
 categories (textures use the whole image). The foreground is a global gray-level threshold, Otsu's
 or the triangle method, both computed here from the 256-bin histogram, then cleaned by a binary
 closing (fills small holes and gaps) and an opening (drops specks) with square structuring

@@ -1,6 +1,6 @@
 """Anomaly sources: the image P that a mask M blends into a normal image I.
 
-The blend itself (METHODS.md section 4, `A = (1-M)*I + (1-delta)*(M*I) + delta*(M*P)`) lives
+The blend itself (docs/methods.md#the-blend, `A = (1-M)*I + (1-delta)*(M*I) + delta*(M*P)`) lives
 elsewhere; this module only produces P, and for the methods that define their own region, M too.
 
 - `texture_source`: DRAEM / RealNet texture source, a random crop of a texture image (e.g. DTD).

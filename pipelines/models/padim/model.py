@@ -1,4 +1,4 @@
-"""PaDiM (Defard et al., 2020): a Gaussian per feature position, Mahalanobis distance as the map.
+"""PaDiM's model: a Gaussian per feature position, Mahalanobis distance as the map.
 
 Pure torch. Fitting is streamed: `PadimStatistics` keeps the count, the per-position sum and the
 per-position sum of outer products of the embeddings, so memory does not grow with the number
@@ -14,49 +14,15 @@ the reference implementation; image score: the map's maximum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import SpecError
-from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.backbones import FeatureExtractor
-from pipelines.spec import check_image_size, check_positive, short_repr
-
-
-@dataclass(frozen=True)
-class PadimConfig:
-    backbone: str = "efficientnet_lite0"
-    stages: tuple[int, ...] = (1, 2, 3)
-    kept_channels: int = 100
-    image_size: int = 256
-    covariance_epsilon: float = 0.01
-    map_sigma: float = 4.0
-    seed: int = 0
-
-    def validate(self, path: str) -> PadimConfig:
-        """The job spec's check (`path` is e.g. `steps[4].padim`), from a table: no backbone is built."""
-        if self.backbone not in STAGE_CHANNELS:
-            raise SpecError(f"{path}.backbone", f"{short_repr(self.backbone)}; expected one of "
-                                                f"{', '.join(STAGE_CHANNELS)}")
-        channels = STAGE_CHANNELS[self.backbone]
-        stages = list(self.stages)
-        if not stages or stages != sorted(set(stages)) or any(s not in range(len(channels)) for s in stages):
-            raise SpecError(f"{path}.stages", f"must be increasing indices in 0..{len(channels) - 1}, "
-                                              f"got {short_repr(stages)}")
-        check_positive(self.kept_channels, f"{path}.kept_channels")
-        total = sum(channels[s] for s in stages)
-        if self.kept_channels > total:  # a subset of the concatenated stage features
-            raise SpecError(f"{path}.kept_channels",
-                            f"must be at most {total}, the channels of {self.backbone} stages {stages} "
-                            f"({' + '.join(str(channels[s]) for s in stages)}), got {self.kept_channels}")
-        check_image_size(self.image_size, f"{path}.image_size", minimum=32, multiple=32)  # stride 32 at stage 4
-        check_positive(self.covariance_epsilon, f"{path}.covariance_epsilon")
-        check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
-        check_positive(self.seed, f"{path}.seed", allow_zero=True)
-        return self
+from pipelines.models.backbones import shared_feature_extractor
+from pipelines.models.methods import ScoreBatch
+from pipelines.models.padim import PadimConfig
 
 
 class PadimStatistics:
@@ -123,10 +89,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class Padim(nn.Module):
+    channel_indices: torch.Tensor  # buffers (registered in __init__)
+    mean: torch.Tensor
+    inverse_covariance: torch.Tensor
+
     def __init__(self, config: PadimConfig, channel_indices: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        self.extractor = FeatureExtractor(config.backbone, config.stages)
+        # One frozen backbone per process, shared by every category's model (a per-category copy
+        # would cost its weights and activations once per category in each scorer).
+        self.extractor = shared_feature_extractor(config.backbone, config.stages)
         total = sum(info.channels for info in self.extractor.feature_info)
         if not 0 < config.kept_channels <= total:
             raise ValueError(f"kept_channels must be in 1..{total} for stages {list(config.stages)}, "
@@ -178,6 +150,11 @@ class Padim(nn.Module):
             maps = gaussian_blur(maps, self.config.map_sigma)
         return maps.amax(dim=(1, 2)), maps
 
+    def score(self, images: torch.Tensor, row_ids: Sequence[str]) -> ScoreBatch:
+        """The method contract's scoring call: PaDiM draws no noise, so the row ids are not used."""
+        scores, maps = self(images)
+        return ScoreBatch(scores, maps)
+
     # ---- what is saved: config + tensors ------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -190,3 +167,45 @@ class Padim(nn.Module):
         model.mean = tensors["mean"].float().contiguous()
         model.inverse_covariance = tensors["inverse_covariance"].float().contiguous()
         return model
+
+
+class PadimStatisticsFitter:
+    """The statistics fit of the method contract: embed, accumulate, merge, invert."""
+
+    def __init__(self, config: PadimConfig, channel_indices: torch.Tensor):
+        self.config = config
+        self.embedder = Padim(config, channel_indices=channel_indices)
+
+    def new_statistics(self) -> PadimStatistics:
+        return self.embedder.new_statistics()
+
+    def update(self, statistics: PadimStatistics, images: torch.Tensor) -> None:
+        statistics.update(self.embedder.embed(images))
+
+    def merge(self, a: PadimStatistics, b: PadimStatistics) -> PadimStatistics:
+        return a.merge(b)
+
+    def model(self, statistics: PadimStatistics) -> Padim:
+        model = Padim(self.config, channel_indices=self.embedder.channel_indices)
+        model.set_gaussian(statistics)
+        return model.eval()
+
+
+class PadimImplementation:
+    """What `pipelines.models.padim`'s record names: the torch side of PaDiM."""
+
+    @staticmethod
+    def plan(config: PadimConfig) -> torch.Tensor:
+        """The random channel subset, drawn once from the seed, shared by every worker's fit."""
+        return Padim(config).channel_indices
+
+    @staticmethod
+    def fitter(config: PadimConfig, plan: torch.Tensor) -> PadimStatisticsFitter:
+        return PadimStatisticsFitter(config, plan)
+
+    @staticmethod
+    def build(config: PadimConfig, tensors: dict[str, torch.Tensor] | None) -> Padim:
+        return Padim.from_tensors(config, tensors) if tensors is not None else Padim(config)
+
+
+IMPLEMENTATION = PadimImplementation()
