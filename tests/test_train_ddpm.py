@@ -31,6 +31,8 @@ from pipelines.storage import Location
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"image_size": 16, "block_out_channels": [16, 32], "layers_per_block": 1}
+# Optimizer steps of the resume tests: the first checkpoint (step 4) leaves 20 to kill the run in.
+STEPS = 24
 
 
 def quiet(*_args, **_kwargs) -> None:
@@ -90,7 +92,7 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
     and started again, continuing at its checkpoint; the exported model samples images."""
     images = flat_images(tmp_path / "images", 8, categories=("a", "b"))
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(ddpm_pipeline(s3_root, images, steps=40, checkpoint_every=4,
+    spec.write_text(yaml.safe_dump(ddpm_pipeline(s3_root, images, steps=STEPS, checkpoint_every=4,
                                                  conditional=True, learned_variance=True)))
     train_folder = Location.parse(f"{s3_root}/runs/ddpm-1/steps/train/ray-train")
     env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
@@ -103,7 +105,7 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
     os.killpg(process.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training workers
     process.wait(timeout=30)
     saved = registered_step(train_folder)
-    assert 0 < saved < 40, f"the run should have been killed part-way (registered checkpoint: step {saved})"
+    assert 0 < saved < STEPS, f"the run should have been killed part-way (registered checkpoint: step {saved})"
     assert not Location.parse(f"{s3_root}/models/ddpm-flat/ddpm-1/config.json").exists()
 
     rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec), "--run-id", "ddpm-1"],
@@ -112,8 +114,8 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
     model = Location.parse(f"{s3_root}/models/ddpm-flat/ddpm-1")
     config = model.join("config.json").read_json()
     info = config["info"]
-    assert info["steps"] == 40
-    assert saved <= info["resumed_from"] < 40, "must continue from its checkpoint, not from zero"
+    assert info["steps"] == STEPS
+    assert saved <= info["resumed_from"] < STEPS, "must continue from its checkpoint, not from zero"
     assert "resumed from the checkpoint" in rerun.stdout
     digests = info["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "DDP ranks must hold identical weights"
@@ -122,7 +124,7 @@ def test_interrupted_two_worker_run_resumes_at_its_checkpoint_and_exports_a_mode
 
     logged = [h for h in history(s3_root, "ddpm-1") if "loss" in h]
     assert [h["step"] for h in logged] == sorted({h["step"] for h in logged}), "no step logged twice"
-    assert logged[-1]["step"] == 40
+    assert logged[-1]["step"] == STEPS
     assert np.mean([h["mse"] for h in logged[-3:]]) < 0.6 * np.mean([h["mse"] for h in logged[:2]]), \
         "the noise-prediction loss should fall on a trivially learnable dataset"
     assert any(h.get("event") == "resumed" for h in history(s3_root, "ddpm-1"))
@@ -151,7 +153,7 @@ def ray_train_worker_pids() -> list[int]:
 def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(
         ray_session, tmp_path, s3_root):
     images = flat_images(tmp_path / "images", 16)
-    spec = parse_spec(ddpm_pipeline(s3_root, images, steps=40, checkpoint_every=4, conditional=False,
+    spec = parse_spec(ddpm_pipeline(s3_root, images, steps=STEPS, checkpoint_every=4, conditional=False,
                                     learned_variance=False, samples=2))
     train_folder = Location.parse(f"{s3_root}/runs/kill-worker/steps/train/ray-train")
     outcome: dict = {}
@@ -177,7 +179,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     assert killed is not None, f"no worker to kill (outcome: {outcome})"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["run"].results["train"]
-    assert result.details["steps"] == 40
+    assert result.details["steps"] == STEPS
     assert result.details["resumed_from"] >= 4, "the restarted workers should load the last checkpoint"
 
 
@@ -244,9 +246,14 @@ def test_the_small_cpu_job_spec_runs_end_to_end(ray_session, s3_root):
     test's S3 prefix."""
     spec = yaml.safe_load((REPO / "jobs" / "train-ddpm-small.yaml").read_text())
     spec["storage"]["root"] = s3_root
+    # Shorter than the shipped 150 steps and 50 sampling steps (the suite's time budget); every
+    # stage and setting of the spec is otherwise as shipped.
+    train, sample = spec["steps"][1], spec["steps"][2]
+    train["ddpm"]["training"].update(steps=30, checkpoint_every=10, log_every=10)
+    sample["steps"] = 10
     outcome = run_job(parse_spec(spec), run_id="small-1", echo=quiet)
     samples = datasets.read_table(Location.parse(outcome.results["sample"].output))
     assert samples.num_rows == 16
     assert {Image.open(io.BytesIO(png)).size for png in samples.column("image").to_pylist()} == {(32, 32)}
     info = Location.parse(outcome.results["train-ddpm"].output).join("config.json").read_json()["info"]
-    assert info["steps"] == 150 and info["class_names"] == ["mono"]
+    assert info["steps"] == 30 and info["class_names"] == ["mono"]

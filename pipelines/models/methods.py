@@ -21,9 +21,10 @@ How a method fits (`fit`), and what its implementation provides for it:
   carry a `training: GradientTrainingSpec` block; `training_state(params, context)` returns the
   state one train step changes and a checkpoint holds (see `TrainingState` below).
 
-Every implementation provides `build(config, tensors) -> nn.Module` (tensors None: untrained) and
-its record says which dataclass is saved as the artifact's config (`artifact_config`; by default
-the parameters). Adding a method: docs/adding-a-method.md.
+Every implementation provides `build(config, tensors) -> nn.Module` (tensors None: untrained),
+optionally `describe(config) -> str` (the step summary's name for the model), and its record
+says which dataclass is saved as the artifact's config (`artifact_config`; by default the
+parameters). Adding a method: docs/adding-a-method.md.
 """
 
 from __future__ import annotations

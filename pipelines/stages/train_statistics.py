@@ -112,7 +112,8 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
         thresholds=thresholds, info=info,
         metrics={"fitted_images": counts, "calibration": details, "fit_seconds": round(fit_seconds, 2)},
         started=started)
-    lines = [f"fitted {record.name} on {sum(counts.values())} normal images in {fit_seconds:.1f} s -> {folder.uri}"]
+    described = getattr(implementation, "describe", lambda _: record.name)(config)
+    lines = [f"fitted {described} on {sum(counts.values())} normal images in {fit_seconds:.1f} s -> {folder.uri}"]
     lines += calibration.threshold_lines(models, counts, thresholds, details)
     if skipped:
         lines.append(f"  {len(skipped)} training images could not be decoded and were not fitted: "

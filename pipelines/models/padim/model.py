@@ -204,6 +204,11 @@ class PadimImplementation:
         return PadimStatisticsFitter(config, plan)
 
     @staticmethod
+    def describe(config: PadimConfig) -> str:
+        return (f"padim ({config.backbone}, stages {list(config.stages)}, {config.kept_channels} channels, "
+                f"{config.image_size}px)")
+
+    @staticmethod
     def build(config: PadimConfig, tensors: dict[str, torch.Tensor] | None) -> Padim:
         return Padim.from_tensors(config, tensors) if tensors is not None else Padim(config)
 
