@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,9 +188,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
     current = None
     started = time.monotonic()
     try:
-        with ray_runtime(spec.ray, ray_address):
+        # Ray is started (or joined) for the first step that has work to do: a rerun whose steps
+        # are all published already finishes without it.
+        with ExitStack() as ray_scope:
             if handle_sigterm:
-                raise_on_sigterm()  # after ray.init: Ray's driver installs a SIGTERM handler that aborts
+                raise_on_sigterm()
+            ray_started = False
             for step in spec.steps:
                 current = step.name
                 record.check_lease()
@@ -208,6 +211,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, ray_address: str | None = 
                     outcome.skipped.append(step.name)
                     echo(f"[{step.name}] already done in an earlier attempt of this run: skipped")
                 else:
+                    if not ray_started:
+                        ray_scope.enter_context(ray_runtime(spec.ray, ray_address))
+                        ray_started = True
+                        record.event("ray ready", address=ray_address or spec.ray.address)
+                        if handle_sigterm:  # again: ray.init installs a SIGTERM handler of its own that aborts
+                            raise_on_sigterm()
                     echo(f"[{step.name}] {step.kind} ...")
                     record.step_started(step.name)
                     result = STAGE_KINDS[step.kind].run(step, context)

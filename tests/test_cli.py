@@ -87,6 +87,8 @@ def test_run_status_logs_list_and_rerun(tmp_path, file_root):
     again = adpipe("run", str(spec), "--run-id", "cli-run-1")
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped") == 2
+    # Nothing left to do: the rerun did not start Ray at all.
+    assert adpipe("logs", "cli-run-1", "--spec", str(spec)).stdout.count("ray ready") == 1
     assert (Path(file_root[len("file://"):]) / "runs/cli-run-1/status.json").exists()
 
     # the same run id with a changed spec is refused rather than mixed up
@@ -124,7 +126,7 @@ def test_an_empty_run_id_is_refused_before_anything_runs(tmp_path, file_root):
 
 
 def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, file_root):
-    spec, dataset = slow_folder_job(tmp_path, file_root, "kill-run", count=240, seed=0)
+    spec, dataset = slow_folder_job(tmp_path, file_root, "kill-run", count=120, seed=0)
     process = start_run(spec, "kill-run", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         start_new_session=True)
     deadline = time.monotonic() + 120
@@ -151,7 +153,7 @@ def test_killed_run_leaves_no_manifest_and_rerun_has_no_duplicates(tmp_path, fil
     assert "run kill-run: succeeded" in adpipe("status", "kill-run", "--root", file_root).stdout
     table = datasets.read_table(Location.parse(f"file://{dataset}"))
     ids = table.column("image_id").to_pylist()
-    assert len(ids) == 240 and len(set(ids)) == 240
+    assert len(ids) == 120 and len(set(ids)) == 120
 
 
 def test_a_terminated_run_records_that_it_failed_and_why(tmp_path, file_root):
