@@ -14,7 +14,7 @@ and publishing the model artifact.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from pipelines.models.artifacts import ALL_CATEGORIES, save_artifact
 from pipelines.models.inference import score_in_slots
 from pipelines.models.thresholds import calibrate
 from pipelines.params.train import TrainParams
-from pipelines.stages.base import StepContext, StepResult
+from pipelines.stages.base import StepContext
 from pipelines.stages.image_batches import PartSelection, decoded_images, select_rows
 from pipelines.storage import Location
 
@@ -165,12 +165,6 @@ def calibrate_thresholds(models: dict[str, Any], held: dict[str, np.ndarray],
     return thresholds, details
 
 
-@dataclass
-class PublishedModel:
-    folder: Location
-    lines: list[str] = field(default_factory=list)
-
-
 def model_folder(params: TrainParams, context: StepContext) -> Location:
     return context.root.join("models", params.outputs.model, params.outputs.version or context.run_id)
 
@@ -198,5 +192,5 @@ def published_record(step: Any, context: StepContext) -> Location:
     return model_folder(params, context).join("config.json")
 
 
-__all__ = ["StepResult", "TrainingRows", "calibrate_thresholds", "decode_to_driver", "held_out", "model_folder",
+__all__ = ["TrainingRows", "calibrate_thresholds", "decode_to_driver", "held_out", "model_folder",
            "publish_model", "published_record", "threshold_lines", "training_rows", "validation_images"]
