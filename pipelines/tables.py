@@ -45,6 +45,7 @@ SCORES_SCHEMA = pa.schema([
     ("category", pa.string()),
     ("split", pa.string()),
     ("label", pa.int8()),               # ground truth copied from the images table (null = unknown)
+    ("defect_type", pa.string()),       # copied from the images table: per-defect-type metrics
     ("model", pa.string()),             # <name>@<version>
     ("score", pa.float32()),
     ("label_pred", pa.bool_()),         # score >= threshold

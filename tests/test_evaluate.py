@@ -94,11 +94,11 @@ class Case:
 
     def add(self, image_id: str, category: str, label: int | None, score: float | None,
             anomaly_map: np.ndarray | None, mask: np.ndarray | None = None, error: str | None = None,
-            in_images: bool = True) -> None:
+            in_images: bool = True, defect_type: str | None = None) -> None:
         if in_images:
             self.images.append({"image_id": image_id, "image": png("RGB", (SIZE, SIZE), seed=len(self.images)),
                                 "category": category, "split": "test", "label": label,
-                                "mask": None if mask is None else mask_bytes(mask),
+                                "defect_type": defect_type, "mask": None if mask is None else mask_bytes(mask),
                                 "width": SIZE, "height": SIZE, "color_mode": "RGB",
                                 "source_uri": f"test://{image_id}"})
         data = low = high = None
@@ -108,7 +108,7 @@ class Case:
         if mask is not None:
             self.masks[image_id] = mask
         self.scores.append({"image_id": image_id, "category": category, "split": "test", "label": label,
-                            "model": MODEL, "score": score,
+                            "defect_type": defect_type, "model": MODEL, "score": score,
                             "label_pred": None if score is None else score >= 1.0,
                             "threshold": 1.0, "anomaly_map": data, "anomaly_map_min": low,
                             "anomaly_map_max": high, "error": error, "run_id": "score-run",
@@ -140,7 +140,8 @@ def build_case() -> Case:
     ]
     for i, (score, mask, strength) in enumerate(anomalous):
         anomaly_map = rng.normal(0.0, 1.0, (SIZE, SIZE)) + strength * mask
-        case.add(f"alpha/bad/{i}.png", "alpha", 1, score, anomaly_map, mask=mask)
+        case.add(f"alpha/bad/{i}.png", "alpha", 1, score, anomaly_map, mask=mask,
+                 defect_type=("scratch", "stain", None)[i % 3])  # None: reported as "unknown"
     # Left out, and counted: two rows the scorer could not read (one also unlabelled), and one
     # unlabelled row whose top score and hot map would change every metric if it were counted.
     case.add("alpha/bad/unreadable.png", "alpha", 1, None, None, error="cannot identify image file")
@@ -289,6 +290,21 @@ def test_image_auroc_and_f1_max_match_sklearn_with_ties(evaluated, category):
     assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert got["image_f1_max"] == pytest.approx(f1_max_reference(labels, scores), abs=1e-12)
     assert got["images"] == len(rows) and got["anomalous"] == int(labels.sum())
+
+
+def test_image_auroc_per_defect_type_matches_sklearn_on_each_type_against_all_normals(evaluated):
+    rows = evaluated_rows(evaluated["case"], "alpha")
+    got = evaluated["metrics"]["per_category"]["alpha"]["by_defect_type"]
+    assert sorted(got) == ["scratch", "stain", "unknown"]
+    for defect in got:
+        chosen = [r for r in rows if r["label"] == 0 or (r["defect_type"] or "unknown") == defect]
+        labels = [r["label"] for r in chosen]
+        scores = np.array([r["score"] for r in chosen], np.float32).astype(np.float64)
+        assert got[defect]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert got[defect]["anomalous"] == sum(labels) == 2
+    assert any(line.strip().startswith("scratch") for line in evaluated["lines"])
+    # A category whose anomalies carry no type at all: one "unknown" entry, not an error.
+    assert list(evaluated["metrics"]["per_category"]["beta"]["by_defect_type"]) == ["unknown"]
 
 
 def test_known_image_values():

@@ -12,10 +12,11 @@ import scipy.ndimage
 import scipy.spatial.distance
 import torch
 
+from pipelines.models.anomaly_maps import gaussian_blur
 from pipelines.models.artifacts import TrainedModels
 from pipelines.models.inference import decode_map, encode_map, score_in_slots
 from pipelines.models.padim import PadimConfig
-from pipelines.models.padim.model import Padim, PadimStatistics, gaussian_blur
+from pipelines.models.padim.model import Padim, PadimStatistics
 from pipelines.storage import Location
 
 SMALL = PadimConfig(stages=(1, 2), kept_channels=12, image_size=64, seed=3)

@@ -50,6 +50,7 @@ Fit = Literal["statistics", "gradient"]
 BUILTIN_METHODS: dict[str, str] = {
     "padim": "pipelines.models.padim",
     "ddpm": "pipelines.models.diffusion",
+    "pfm": "pipelines.models.pfm",
 }
 
 

@@ -1,7 +1,8 @@
 """`evaluate`: scores + ground truth -> metrics.json and a self-contained report.html.
 
 Per category and as a mean over categories: image AUROC and F1-max from image scores and labels
-(rows with an error or an unknown label are left out, and counted); pixel AUROC and AUPRO (FPR
+(rows with an error or an unknown label are left out, and counted), and image AUROC per defect
+type within each category (that type's anomalies against all the category's normals); pixel AUROC and AUPRO (FPR
 limit 0.3 by default) where the images dataset has ground-truth masks and the scores carry
 anomaly maps. The metric code is `pipelines.evaluation.metrics`; the report is
 `pipelines.evaluation.report`. Scores tables are small (no pixels), so this runs on the driver.
@@ -65,10 +66,28 @@ def _category_metrics(rows: pa.Table, images: Location, fpr_limit: float) -> tup
             values["aupro"] = metrics.aupro(masks, maps, fpr_limit)
             pro = CurveData(f"PRO (FPR <= {fpr_limit})", pro_curve.fpr, pro_curve.pro, "false positive rate",
                             "per-region overlap", values["aupro"])
+    by_defect_type = _defect_type_aurocs(rows, labels, scores)
     report = CategoryReport(category=str(category), metrics=values, roc=roc, pro=pro,
                             scores_normal=scores[labels == 0], scores_anomalous=scores[labels == 1],
                             threshold=thresholds[0] if thresholds else None)
-    return {**values, "images": int(len(labels)), "anomalous": int((labels == 1).sum())}, report
+    return {**values, "images": int(len(labels)), "anomalous": int((labels == 1).sum()),
+            "by_defect_type": by_defect_type}, report
+
+
+def _defect_type_aurocs(rows: pa.Table, labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Image AUROC of each defect type against all the category's normals: a detector that finds
+    local defects but misses global ones shows it here, not in the pooled figure. Anomalies with
+    no defect type count under "unknown"; a scores table from before the column existed has none."""
+    if "defect_type" not in rows.column_names or not (labels == 1).any() or not (labels == 0).any():
+        return {}
+    types = np.asarray([t if t is not None else "unknown" for t in rows["defect_type"].to_pylist()], object)
+    normal = labels == 0
+    out = {}
+    for defect in sorted(set(types[labels == 1])):
+        chosen = normal | ((labels == 1) & (types == defect))
+        out[str(defect)] = {"image_auroc": metrics.auroc(labels[chosen], scores[chosen]),
+                            "anomalous": int(((labels == 1) & (types == defect)).sum())}
+    return out
 
 
 def _pixel_data(rows: pa.Table, images: Location) -> tuple[np.ndarray, np.ndarray] | None:
@@ -180,6 +199,10 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     for name, row in per_category.items():
         lines.append(f"  {name:<12} " + " ".join(f"{fmt(row[n]):>13}" for n in METRIC_NAMES)
                      + f" {row['images']:>7}")
+        if len(row["by_defect_type"]) > 1:  # one type is the category's line already
+            for defect, figures in row["by_defect_type"].items():
+                lines.append(f"    {defect:<10} " + f"{fmt(figures['image_auroc']):>13}"
+                             + " " * 42 + f" {figures['anomalous']:>7} anomalous")
     lines.append(f"  {'mean':<12} " + " ".join(f"{fmt(mean[n]):>13}" for n in METRIC_NAMES))
     lines.append(f"  left out: {skipped_errors} rows with errors, {unlabelled} with unknown labels")
     lines.append(f"  report: {out.join('report.html').uri}")

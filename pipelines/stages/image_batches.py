@@ -22,7 +22,7 @@ from pipelines.data.images import ImageDecodeError
 from pipelines.data.preprocess import decode_rgb
 from pipelines.storage import Location
 
-ROW_COLUMNS = ["image_id", "category", "split", "label"]
+ROW_COLUMNS = ["image_id", "category", "split", "label", "defect_type"]
 DECODE_CPUS = 0.5  # logical CPUs per decode task: decoding one part is light, two run per core
 
 
@@ -99,6 +99,7 @@ def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location],
         "image_id": np.asarray(out["image_id"], object), "category": np.asarray(out["category"], object),
         "split": np.asarray(out["split"], object),
         "label": np.asarray([-1 if v is None else v for v in out["label"]], np.int8),  # -1: unknown
+        "defect_type": np.asarray(out["defect_type"], object),
         "pixels": np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8),
         "error": np.asarray(out["error"], object),
     }

@@ -75,8 +75,9 @@ class Scorer:
                     maps[index], lows[index], highs[index] = encode_map(member_maps[position])
         return {"_part": batch["_part"], "_row": batch["_row"], "_seq": batch["_seq"], "image_id": batch["image_id"],
                 "category": batch["category"], "split": batch["split"], "label": batch["label"],
-                "score": scores, "threshold": thresholds, "anomaly_map": np.array(maps, object),
-                "anomaly_map_min": lows, "anomaly_map_max": highs, "error": errors}
+                "defect_type": batch["defect_type"], "score": scores, "threshold": thresholds,
+                "anomaly_map": np.array(maps, object), "anomaly_map_min": lows, "anomaly_map_max": highs,
+                "error": errors}
 
 
 def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored_at: datetime.datetime) -> pa.Table:
@@ -87,6 +88,9 @@ def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored
         "category": [r["category"] for r in rows],
         "split": [r["split"] for r in rows],
         "label": [None if r["label"] < 0 else int(r["label"]) for r in rows],
+        # A column of only nulls comes back from Ray's batches as float NaN: text or null.
+        "defect_type": [r["defect_type"] if isinstance(r["defect_type"], str) and r["defect_type"] else None
+                        for r in rows],
         "model": [model_name] * len(rows),
         "score": [null_if_nan(r["score"]) for r in rows],
         "label_pred": [None if r["error"] else bool(r["score"] >= r["threshold"]) for r in rows],

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.models.anomaly_maps import gaussian_blur
 from pipelines.models.backbones import shared_feature_extractor
 from pipelines.models.methods import ScoreBatch
 from pipelines.models.padim import PadimConfig
@@ -67,25 +68,6 @@ class PadimStatistics:
         # contiguous: the inverse comes back column-major, and bmm's kernel (so the last bits of a
         # score) depends on the layout; saved-and-reloaded tensors must compute the same.
         return mean.float().contiguous(), torch.cholesky_inverse(factor).float().contiguous()
-
-
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    radius = int(4 * sigma + 0.5)  # scipy's truncate=4.0
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflected borders."""
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma).to(maps)
-    radius = kernel.numel() // 2
-    x = maps[:, None]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x[:, 0]
 
 
 class Padim(nn.Module):
