@@ -211,8 +211,11 @@ def test_per_image_generators_make_each_sample_independent_of_its_batch():
     together = draw([11, 12, 13], [0.1, 0.15, 0.2])
     alone = torch.cat([draw([11], [0.1]), draw([12], [0.15]), draw([13], [0.2])])
     reordered = draw([13, 11], [0.2, 0.1], batch_size=1)
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reordered, together[[2, 0]], atol=1e-5, rtol=1e-5)
+    # Equal up to float32 rounding: a convolution over a batch of 3 and one over a batch of 1 may
+    # take different CPU kernels, whose last bits differ and grow a little over the sampling
+    # chain (seen: 1.2e-5 on one of 2304 values, in [-1, 1]). What must not differ is the noise.
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reordered, together[[2, 0]], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(together[0], together[1])
     # A per-image strength is the same as that strength given alone.
     torch.testing.assert_close(draw([12], [0.15]), sample_tensor(
