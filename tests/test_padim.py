@@ -158,3 +158,37 @@ def test_anomaly_map_png_round_trip_is_within_one_level():
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     restored = decode_map(data, low, high)
     assert np.abs(restored - anomaly_map).max() <= (high - low) / 255 / 2 + 1e-5
+
+
+def test_image_score_max_finds_a_local_defect_and_mean_a_global_one_on_a_real_texture():
+    """PaDiM's map is per position, so its `max` image score sees a spot unlike the training
+    patches (a grass patch in brick) but not a whole weave rescaled 1.6x, whose every patch is
+    still brick-like at some offset; `mean` adds up the small rise everywhere (README "Global
+    defects"). Fitted on real brick crops (scikit-image), defects made by the test."""
+    from texture_defects import SIZE, patched, rescaled, texture_crops
+
+    from pipelines.evaluation.metrics import auroc
+
+    def tensor(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+
+    config = PadimConfig(image_size=SIZE)
+    model = Padim(config)
+    statistics = model.new_statistics()
+    statistics.update(model.embed(tensor(texture_crops(40, SIZE, seed=0, rows=slice(0, 256)))))
+    model.set_gaussian(statistics)
+    test = texture_crops(30, SIZE, seed=1, rows=slice(256, None))
+    good = tensor(test[:10])
+    local = tensor(np.stack([patched(test[10 + i], seed=i) for i in range(10)]))
+    whole = tensor(np.stack([rescaled(test[20 + i]) for i in range(10)]))
+    labels = np.r_[np.zeros(10), np.ones(10)]
+    found = {}
+    for reduction in ("max", "mean"):
+        scorer = Padim(PadimConfig(**{**config.__dict__, "image_score": reduction}),
+                       channel_indices=model.channel_indices)
+        scorer.mean, scorer.inverse_covariance = model.mean, model.inverse_covariance
+        scores = {name: scorer.eval()(images)[0].numpy() for name, images in
+                  (("good", good), ("local", local), ("global", whole))}
+        found[reduction] = {kind: auroc(labels, np.r_[scores["good"], scores[kind]]) for kind in ("local", "global")}
+    print(found)
+    assert found["max"]["local"] >= 0.9 and found["mean"]["global"] >= 0.9, found

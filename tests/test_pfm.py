@@ -6,21 +6,18 @@ normal images only).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
-from PIL import Image
+from texture_defects import SIZE, texture_crops, write_brick_archive
 
-from imagefiles import write
 from pipelines import datasets
 from pipelines.errors import SpecError
 from pipelines.evaluation.metrics import auroc
 from pipelines.models.artifacts import ModelCard, save_artifact
-from pipelines.models.methods import GradientTrainingSpec, TrainingContext
+from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
 from pipelines.models.pfm import PfmConfig, PfmOptim, PfmParams
 from pipelines.models.pfm.model import IMPLEMENTATION as PFM
 from pipelines.orchestrator import run_job
@@ -36,21 +33,11 @@ def quiet(*_args, **_kwargs) -> None:
     pass
 
 
-def texture_crops(count: int, size: int, seed: int, rows: slice = slice(None)) -> np.ndarray:
-    brick = np.stack([skimage.data.brick()[rows]] * 3, -1)
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        y, x = rng.integers(0, brick.shape[0] - size), rng.integers(0, brick.shape[1] - size)
-        out.append(brick[y:y + size, x:x + size])
-    return np.stack(out)
-
-
 def trained_state(steps: int, params: PfmParams = SMALL):
     state = PFM.training_state(params, CONTEXT)
     pixels = texture_crops(4, 64, seed=1)
     for _ in range(steps):
-        state.train_batch(pixels, np.array(["a"] * 4), torch.Generator(), None)
+        state.train_batch(TrainingBatch(pixels, np.array(["a"] * 4)), torch.Generator(), None)
     return state
 
 
@@ -73,7 +60,7 @@ def test_saved_model_scores_exactly_as_the_trained_one_and_a_resumed_state_steps
     restored.load_state_tensors(*ran_on.state_tensors())
     pixels = texture_crops(4, 64, seed=9)
     for state in (ran_on, restored):
-        state.train_batch(pixels, np.array(["a"] * 4), torch.Generator(), None)
+        state.train_batch(TrainingBatch(pixels, np.array(["a"] * 4)), torch.Generator(), None)
     for (name, x), (_, y) in zip(ran_on.state_tensors()[0].items(), restored.state_tensors()[0].items(), strict=True):
         assert torch.equal(x, y), name
 
@@ -93,7 +80,7 @@ def test_the_error_variance_is_the_unbiased_variance_of_the_window(tmp_path):
                 for direction, error in zip(("source_to_target", "target_to_source"), pair, strict=True):
                     values = error.detach().double().numpy().transpose(1, 0, 2, 3).reshape(error.shape[1], -1)
                     collected.setdefault(f"variance/{stage}/{direction}", []).append(values)
-        reference.train_batch(pixels, np.array(["a"] * 4), torch.Generator(), None)
+        reference.train_batch(TrainingBatch(pixels, np.array(["a"] * 4)), torch.Generator(), None)
     for name, chunks in collected.items():
         expected = np.concatenate(chunks, axis=1).var(axis=1, ddof=1)
         np.testing.assert_allclose(variances[name].numpy(), expected, rtol=1e-4)
@@ -119,44 +106,9 @@ def test_bad_pfm_parameters_exit_2_naming_them(tmp_path, file_root):
 
 # ---- the whole path on real Ray ----------------------------------------------------------------
 
-SIZE = 128
-
-
-def rescaled(image: np.ndarray, factor: float = 1.6) -> np.ndarray:
-    """A global defect: the weave at another scale (every patch still looks like brick)."""
-    big = Image.fromarray(image).resize((int(SIZE * factor),) * 2, Image.Resampling.BILINEAR)
-    return np.asarray(big)[:SIZE, :SIZE]
-
-
-def patched(image: np.ndarray, seed: int) -> np.ndarray:
-    """A local defect: a 24 px patch of another texture (grass)."""
-    grass = np.stack([skimage.data.grass()] * 3, -1)
-    rng = np.random.default_rng(seed)
-    y, x = rng.integers(0, grass.shape[0] - 24, 2)
-    out = image.copy()
-    py, px = rng.integers(16, SIZE - 40, 2)
-    out[py:py + 24, px:px + 24] = grass[y:y + 24, x:x + 24]
-    return out
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def brick_archive(tmp_path_factory) -> Path:
-    """MVTec layout: normal training crops from the top of the image, test crops from the bottom."""
-    folder = tmp_path_factory.mktemp("brick")
-    for i, pixels in enumerate(texture_crops(40, SIZE, seed=0, rows=slice(0, 256))):
-        write(folder / "brick" / "train" / "good" / f"{i:03d}.png", png(pixels))
-    test = texture_crops(30, SIZE, seed=1, rows=slice(256, None))
-    for i in range(10):
-        write(folder / "brick" / "test" / "good" / f"{i:03d}.png", png(test[i]))
-        write(folder / "brick" / "test" / "patch" / f"{i:03d}.png", png(patched(test[10 + i], seed=i)))
-        write(folder / "brick" / "test" / "rescaled" / f"{i:03d}.png", png(rescaled(test[20 + i])))
-    return folder
+    return write_brick_archive(tmp_path_factory.mktemp("brick"))
 
 
 def test_pfm_trains_on_ray_and_finds_local_and_global_texture_defects(ray_session, s3_root, brick_archive):

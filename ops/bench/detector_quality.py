@@ -1,4 +1,4 @@
-"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline) and PFM.
+"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline), PFM and RealNet.
 
 For each --splits seed the ELPV cells are split exactly as the demo's ingest step splits them
 (`padim_quality.elpv_split`: 60% of the normal cells of each type train, the other normals and
@@ -10,6 +10,14 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   3e-3/3e-4/3e-4), --pfm-steps steps of batch 8 drawn with a seeded generator from the training
   cells' features, computed once (no rotation augmentation here; the train stage adds it), the
   error variance over the last 50 steps; image score max (the paper's) and mean (the whole map).
+
+- realnet: `pipelines.models.realnet` with its defaults (Lite0 stages 1-3, AFS 16/24/64, RRS 2x32),
+  trained on what a `synthesize` step with include_normals writes: --realnet-per-image anomalies
+  per normal training cell from the recipe's Perlin-masked textures (scikit-image's gravel,
+  rocket, coffee, chelsea: no DTD offline) and CutPaste, the same seeds as the stage; per epoch each
+  normal paired with one of its anomalies (`pipelines.data.synthetic_pairs`), features cached
+  once; --realnet-steps steps of batch 8. ELPV's real defects (cracks, dark cells) are a generator
+  it never saw.
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
@@ -86,10 +94,106 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
     return scores, seconds, count
 
 
+def realnet_scores(items: list[dict], steps: int, batch_size: int,
+                   per_image: int) -> tuple[dict[str, float], float, int]:
+    """({image_id: score}, seconds scoring, test images scored)."""
+    import numpy as np
+    import skimage.data
+    import torch
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.data.synthetic_pairs import pair_rows
+    from pipelines.models.methods import GradientTrainingSpec, TrainingContext
+    from pipelines.models.realnet import RealnetParams
+    from pipelines.models.realnet.model import IMPLEMENTATION as REALNET
+    from pipelines.synthesis.config import PerlinConfig
+    from pipelines.synthesis.recipe import SourcePlan, row_seed, synthesize_one
+
+    params = RealnetParams(training=GradientTrainingSpec(steps=steps))
+    size = params.image_size
+    textures = [decode_rgb(_png(getattr(skimage.data, name)()), size) for name in ("gravel", "rocket", "coffee",
+                                                                                   "chelsea")]
+    plans = (SourcePlan("texture", 1.0, (0.2, 1.0)), SourcePlan("cutpaste", 1.0, (1.0, 1.0)))
+    scores: dict[str, float] = {}
+    seconds, count = 0.0, 0
+    for category in CATEGORIES:
+        train = [r for r in items if r["category"] == category and r["split"] == "train"]
+        test = [r for r in items if r["category"] == category and r["split"] == "test"]
+        context = TrainingContext(class_names=(category,), device="cpu", seed=0)
+        state = REALNET.training_state(params, context)
+        started = time.perf_counter()
+        # The synthesize stage's rows: each normal, then its anomalies (the stage's seeds and recipe).
+        ids, sources, labels, pixels, masks = [], [], [], [], []
+        for row in train:
+            image = decode_rgb(Path(row["file"]).read_bytes(), size)
+            ids.append(row["image_id"]), sources.append(""), labels.append(0)
+            pixels.append(image), masks.append(np.zeros((size, size), bool))
+            for copy in range(per_image):
+                seed = row_seed(0, row["image_id"], copy)
+                plan = plans[int(np.random.default_rng(seed).integers(len(plans)))]
+                made = synthesize_one(image, plan, seed, perlin=PerlinConfig(), textures=textures)
+                ids.append(f"{row['image_id']}#synth-{copy}"), sources.append(row["image_id"]), labels.append(1)
+                pixels.append(made.image), masks.append(made.mask)
+        block = {"image_id": np.array(ids, object), "category": np.array([category] * len(ids), object),
+                 "label": np.array(labels, np.int8), "source_image_id": np.array(sources, object),
+                 "pixels": np.stack(pixels), "mask": np.stack(masks), "error": np.array([""] * len(ids), object)}
+        # The frozen backbone once per image; the steps then run on cached features.
+        features = []
+        for start in range(0, len(ids), batch_size):
+            chunk = torch.from_numpy(block["pixels"][start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+            features.append(state.features(chunk))
+        cached = [torch.cat([f[level] for f in features]) for level in range(len(params.model.stages))]
+        del features
+        where = {image_id: index for index, image_id in enumerate(ids)}
+        clean_of = {image_id: where[source or image_id] for image_id, source in zip(ids, sources, strict=True)}
+        step, epoch = 0, 0
+        while step < steps:
+            pairs = pair_rows(block, seed=0, epoch=epoch)  # the stage's epoch: which rows, in which order
+            epoch += 1
+            rows = torch.tensor([where[str(i)] for i in pairs["image_id"]])
+            clean_rows = torch.tensor([clean_of[str(i)] for i in pairs["image_id"]])
+            for start in range(0, len(rows) - batch_size + 1, batch_size):
+                if step >= steps:
+                    break
+                chosen, clean = rows[start:start + batch_size], clean_rows[start:start + batch_size]
+                state.train_features([c[chosen] for c in cached], [c[clean] for c in cached],
+                                     torch.from_numpy(block["mask"][chosen.numpy()]))
+                step += 1
+        tensors, meta = state.state_tensors()
+        published = REALNET.published(params, context, tensors, meta)
+        model = REALNET.build(published.config, published.tensors["*"]).eval()
+        print(f"  realnet {category}: {len(train)} normals + {len(train) * per_image} anomalies, trained {steps} "
+              f"steps in {time.perf_counter() - started:.0f} s", flush=True)
+        for start in range(0, len(test), batch_size):
+            rows_ = test[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows_]))
+            began = time.perf_counter()
+            image_scores, _ = model(batch.permute(0, 3, 1, 2).float().div_(255.0))
+            seconds += time.perf_counter() - began
+            count += len(rows_)
+            for row, value in zip(rows_, image_scores.tolist(), strict=True):
+                scores[row["image_id"]] = value
+    return scores, seconds, count
+
+
+def _png(array) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", default="0,1,2,3,4", help="comma-separated ELPV split seeds (0 is the demo's)")
     parser.add_argument("--pfm-steps", type=int, default=1000)
+    parser.add_argument("--realnet-steps", type=int, default=1000)
+    parser.add_argument("--realnet-per-image", type=int, default=2)
+    parser.add_argument("--detectors", default="padim,pfm,realnet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -101,16 +205,27 @@ def main() -> int:
     for split in [int(s) for s in args.splits.split(",")]:
         items = elpv_split(split)
         test_count = sum(r["split"] == "test" for r in items)
-        padim, padim_seconds = adpipe_scores(items, channel_seed=0, batch_size=args.batch_size)
-        pfm, pfm_seconds, pfm_count = pfm_scores(items, args.pfm_steps, args.batch_size)
-        rows = {"padim": auroc_per_category(items, padim), "pfm (max)": auroc_per_category(items, pfm["max"]),
-                "pfm (mean)": auroc_per_category(items, pfm["mean"])}
-        speed.setdefault("padim", []).append(test_count / padim_seconds)
-        speed.setdefault("pfm", []).append(pfm_count / pfm_seconds)
+        detectors = args.detectors.split(",")
+        rows = {}
+        if "padim" in detectors:
+            padim, padim_seconds = adpipe_scores(items, channel_seed=0, batch_size=args.batch_size)
+            rows["padim"] = auroc_per_category(items, padim)
+            speed.setdefault("padim", []).append(test_count / padim_seconds)
+        if "pfm" in detectors:
+            pfm, pfm_seconds, pfm_count = pfm_scores(items, args.pfm_steps, args.batch_size)
+            rows["pfm (max)"] = auroc_per_category(items, pfm["max"])
+            rows["pfm (mean)"] = auroc_per_category(items, pfm["mean"])
+            speed.setdefault("pfm", []).append(pfm_count / pfm_seconds)
+        if "realnet" in detectors:
+            realnet, realnet_seconds, realnet_count = realnet_scores(items, args.realnet_steps, args.batch_size,
+                                                                     args.realnet_per_image)
+            rows["realnet"] = auroc_per_category(items, realnet)
+            speed.setdefault("realnet", []).append(realnet_count / realnet_seconds)
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
             print(f"split {split} {name:11s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
-    print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps:")
+    print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps, RealNet "
+          f"{args.realnet_steps} steps:")
     for name, values in results.items():
         cells = []
         for category in CATEGORIES:

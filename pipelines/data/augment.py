@@ -38,11 +38,20 @@ def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, max_ro
     degrees and, where enabled, a flip with probability 1/2 each. Undecodable rows pass unchanged
     (their `error` is set; the consumer skips and counts them)."""
     pixels = batch["pixels"].copy()
+    # Training pairs (`pipelines.data.synthetic_pairs`): the clean image and the mask move with the image.
+    clean = batch["clean"].copy() if "clean" in batch else None
+    masks = batch["mask"].copy() if "mask" in batch else None
     for index, image_id in enumerate(batch["image_id"]):
         if batch["error"][index]:
             continue
         rng = augmentation_rng(seed, str(image_id), epoch)
         degrees = float(rng.uniform(-max_rotation, max_rotation)) if max_rotation else 0.0
         flip_h, flip_v = rng.random() < 0.5, rng.random() < 0.5
-        pixels[index] = rotate_and_flip(pixels[index], degrees, hflip and flip_h, vflip and flip_v)
-    return {**batch, "pixels": pixels}
+        moves = (degrees, hflip and flip_h, vflip and flip_v)
+        pixels[index] = rotate_and_flip(pixels[index], *moves)
+        if clean is not None:
+            clean[index] = rotate_and_flip(clean[index], *moves)
+        if masks is not None and masks[index].any():
+            masks[index] = rotate_and_flip(masks[index].astype(np.uint8) * 255, *moves) > 127
+    return {**batch, "pixels": pixels, **({"clean": clean} if clean is not None else {}),
+            **({"mask": masks} if masks is not None else {})}

@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipelines.models.methods import IMAGE_SCORES
+
 ImageScore = Literal["max", "mean"]
-IMAGE_SCORES: tuple[str, ...] = ("max", "mean")
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 Role = Literal["detector", "generator"]
 Fit = Literal["statistics", "gradient"]
+# What a gradient-trained method's batches hold (`TrainingBatch`): "normals", the normal training
+# images; "synthetic_pairs", a `synthesize` output written with include_normals: each normal image
+# and one anomaly made from it (per epoch), with the anomaly's mask and its clean source image.
+TrainingData = Literal["normals", "synthetic_pairs"]
 
 # Built-in methods: the torch-free module that registers each, imported when the name is first
 # asked for (or when every name is listed, e.g. for an error message).
@@ -51,6 +55,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "padim": "pipelines.models.padim",
     "ddpm": "pipelines.models.diffusion",
     "pfm": "pipelines.models.pfm",
+    "realnet": "pipelines.models.realnet",
 }
 
 
@@ -67,6 +72,7 @@ class MethodRecord:
     # What a generator's implementation can do for other stages: "sample" (draw images: the sample
     # stage) and "sdas" (sample with RealNet's variance strength s: synthesize's sdas source).
     capabilities: frozenset[str] = frozenset()
+    training_data: TrainingData = "normals"  # gradient methods: what a batch holds
     summary: str = ""  # one line for error messages and docs
     paper: str = ""
 
@@ -91,6 +97,17 @@ class MethodRecord:
     def config_from_json(self, data: dict) -> Any:
         return dataclass_from_json(self.config_class, data)
 
+
+
+# How a detector's anomaly map becomes its image score (`pipelines.models.anomaly_maps.image_scores`):
+# "max", the most anomalous spot (the papers'); "mean", the whole map's average, which also sees a
+# small change everywhere (a global defect: a rescaled or recoloured weave) that no spot shows.
+IMAGE_SCORES: tuple[str, ...] = ("max", "mean")
+
+
+def check_image_score(value: str, path: str) -> None:
+    if value not in IMAGE_SCORES:
+        raise SpecError(path, f"{value!r}; expected one of {', '.join(IMAGE_SCORES)}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,18 @@ class TrainingContext:
     seed: int
 
 
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One worker's share of a training step, decoded and augmented (numpy, from the Ray glue)."""
+
+    pixels: np.ndarray  # (B, S, S, 3) uint8: the images the model is trained on
+    categories: np.ndarray  # (B,) category names
+    # training_data "synthetic_pairs" only: the anomaly-free image each row was made from (a normal
+    # row's own pixels) and where the row differs from it ((B, S, S) bool; all False for normals).
+    clean: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
 class TrainingState(Protocol):
     """Model, optimizer and step counter of a gradient-trained method on one Ray Train worker."""
 
@@ -241,9 +270,9 @@ class TrainingState(Protocol):
     module: torch.nn.Module  # what DDP wraps
     forward_model: torch.nn.Module  # the glue swaps in the DDP wrapper
 
-    def train_batch(self, pixels: np.ndarray, categories: np.ndarray, generator: torch.Generator,
+    def train_batch(self, batch: TrainingBatch, generator: torch.Generator,
                     autocast_dtype: torch.dtype | None) -> dict[str, float]:
-        """One optimizer step on decoded (B, S, S, 3) uint8 images and their categories."""
+        """One optimizer step; the metrics to log (with "lr")."""
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON meta) of a checkpoint."""
@@ -270,7 +299,8 @@ class StatisticsMethod(Protocol):
     def fitter(self, config: Any, plan: Any) -> StatisticsFitter: ...
 
 
-__all__ = ["BUILTIN_METHODS", "Detector", "GradientMethod", "GradientTrainingSpec", "Published",
-           "StatisticsMethod", "MethodRecord", "ScoreBatch", "StatisticsFitter", "TrainingContext",
-           "TrainingState", "dataclass_from_json", "find_method", "method", "method_names", "register",
-           "unregister"]
+__all__ = ["BUILTIN_METHODS", "IMAGE_SCORES", "Detector", "GradientMethod", "GradientTrainingSpec",
+           "Published",
+           "StatisticsMethod", "MethodRecord", "ScoreBatch", "StatisticsFitter", "TrainingBatch",
+           "TrainingContext", "TrainingData", "TrainingState", "dataclass_from_json", "find_method", "method",
+           "check_image_score", "method_names", "register", "unregister"]

@@ -85,6 +85,34 @@ def training_rows(params: TrainParams, context: StepContext, *, hold_out: bool) 
     return TrainingRows(folder, fit, fit_table, holdout, holdout_table.num_rows, categories)
 
 
+def with_synthetic_anomalies(rows: TrainingRows, method: str) -> list[PartSelection]:
+    """The fit selection plus the synthetic anomalies (split train, label 1) made from its normals,
+    for a method that trains on synthetic pairs: the input must be a `synthesize` output written
+    with include_normals, where every fitted normal has at least one anomaly made from it."""
+    import pyarrow.parquet as pq
+
+    manifest = datasets.read_manifest(rows.folder, table="images")
+    fit_ids = set(rows.fit_table["image_id"].to_pylist()) if rows.fit_table.num_rows else set()
+    paired: set[str] = set()
+    selections = []
+    for selection, location in zip(rows.fit, datasets.part_locations(rows.folder, manifest), strict=True):
+        table = pq.read_table(location.path, filesystem=location.fs, columns=["label", "split", "synthesis"],
+                              schema=manifest.arrow_schema())
+        labels, splits = table["label"].to_pylist(), table["split"].to_pylist()
+        sources = [(s or {}).get("source_image_id") for s in table["synthesis"].to_pylist()]
+        extra = [i for i, (label, split, source) in enumerate(zip(labels, splits, sources))
+                 if label == 1 and split == "train" and source in fit_ids]
+        paired.update(str(sources[i]) for i in extra)
+        selections.append(PartSelection(selection.part, selection.location, tuple(sorted([*selection.rows, *extra]))))
+    unpaired = sorted(fit_ids - paired)
+    if unpaired:
+        raise InputError(
+            f"{rows.folder.uri}: {len(unpaired)} of {len(fit_ids)} normal training images have no synthetic anomaly "
+            f"made from them (e.g. {unpaired[0]!r}); method {method!r} trains on pairs of a normal image and an "
+            "anomaly made from it: give it the output of a `synthesize` step written with include_normals: true")
+    return selections
+
+
 def _synthesis_sources(params: TrainParams, context: StepContext) -> set[str]:
     """Image ids that the validation dataset's synthetic rows were made from."""
     assert params.calibration.validation is not None  # the caller asks only when it is set

@@ -19,7 +19,7 @@ import ray.data
 
 from pipelines import datasets
 from pipelines.data.images import ImageDecodeError
-from pipelines.data.preprocess import decode_rgb
+from pipelines.data.preprocess import decode_mask, decode_rgb
 from pipelines.storage import Location
 
 ROW_COLUMNS = ["image_id", "category", "split", "label", "defect_type"]
@@ -73,18 +73,33 @@ def check_room_for_decoding(workers: int, cpus_per_worker: float, what: str) -> 
 
 
 def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location], image_size: int,
-                 max_pixels: int) -> dict[str, np.ndarray]:
-    """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded."""
-    out: dict[str, list] = {k: [] for k in ("_part", "_row", "_seq", *ROW_COLUMNS, "pixels", "error")}
+                 max_pixels: int, with_masks: bool = False,
+                 per_part: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """map_batches UDF: input parts (rows of the task dataset) -> their selected rows, decoded.
+    `with_masks`: also each row's mask ((S, S) bool, all False where there is none) and the
+    image it was synthesized from (`source_image_id`, "" for an original image)."""
+    extra = ["mask", "synthesis"] if with_masks else []
+    out: dict[str, list] = {k: [] for k in ("_part", "_row", "_seq", *ROW_COLUMNS, "pixels", "error", "mask",
+                                            "source_image_id")}
     for part, rows in zip(task["part"], task["rows"]):
         location = locations[int(part)]
-        table = pq.read_table(location.path, filesystem=location.fs, columns=["image", *ROW_COLUMNS])
+        table = pq.read_table(location.path, filesystem=location.fs, columns=["image", *ROW_COLUMNS, *extra])
         rows = [int(r) for r in rows]
         for sequence, (row, record) in enumerate(zip(rows, table.take(pa.array(rows, pa.int64())).to_pylist())):
+            mask: np.ndarray | None = np.zeros((image_size, image_size), bool)
             try:
                 pixels, error = decode_rgb(record["image"], image_size, max_pixels), ""
+                if with_masks and record["mask"]:
+                    try:
+                        mask = decode_mask(record["mask"], image_size)  # not None: the bytes are there
+                    except (OSError, ValueError) as failure:  # PIL's errors for a corrupt PNG
+                        raise ImageDecodeError(f"undecodable mask: {failure}") from failure
             except ImageDecodeError as failure:
                 pixels, error = np.zeros((image_size, image_size, 3), np.uint8), str(failure)
+            if with_masks:
+                out["mask"].append(mask)
+                out["source_image_id"].append((record["synthesis"] or {}).get("source_image_id") or "")
             out["_part"].append(int(part))
             out["_row"].append(row)
             out["_seq"].append(sequence)
@@ -93,7 +108,7 @@ def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location],
             out["pixels"].append(pixels)
             out["error"].append(error)
     size = image_size
-    return {
+    decoded = {
         "_part": np.asarray(out["_part"], np.int64), "_row": np.asarray(out["_row"], np.int64),
         "_seq": np.asarray(out["_seq"], np.int64),  # position among the part's selected rows
         "image_id": np.asarray(out["image_id"], object), "category": np.asarray(out["category"], object),
@@ -102,11 +117,20 @@ def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location],
         "defect_type": np.asarray(out["defect_type"], object),
         "pixels": np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8),
         "error": np.asarray(out["error"], object),
+        **({"mask": np.stack(out["mask"]) if out["mask"] else np.zeros((0, size, size), bool),
+            "source_image_id": np.asarray(out["source_image_id"], object)} if with_masks else {}),
     }
+    return per_part(decoded) if per_part is not None else decoded
 
 
-def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int) -> ray.data.Dataset:
+def decoded_images(selections: list[PartSelection], image_size: int, max_pixels: int,
+                   with_masks: bool = False,
+                   per_part: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                   ) -> ray.data.Dataset:
     """A Ray dataset of decoded rows (one decode task per part with selected rows).
+
+    `with_masks`: see `decode_parts`. `per_part`: applied to each part's decoded rows inside its
+    decode task, where the part is still whole (Ray Data may split a large output block later).
 
     The decode tasks ask for another CPU amount than the model actors downstream, so that Ray Data
     does not fuse them into the actors: decoding then runs in parallel CPU tasks, not in the
@@ -119,7 +143,8 @@ def decoded_images(selections: list[PartSelection], image_size: int, max_pixels:
     locations = {s.part: s.location for s in selections if s.rows}
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         decode_parts,  # type: ignore[arg-type]  # Ray types `fn` as fn(batch), leaving out fn_kwargs
-        fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels},
+        fn_kwargs={"locations": locations, "image_size": image_size, "max_pixels": max_pixels,
+                   "with_masks": with_masks, "per_part": per_part},
         batch_size=1, num_cpus=DECODE_CPUS)
 
 

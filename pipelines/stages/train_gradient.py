@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import ray.data
 import torch
 
 from pipelines.data.augment import augment_batch
+from pipelines.data.synthetic_pairs import pair_rows
 from pipelines.errors import InputError, SpecError
-from pipelines.models.methods import GradientTrainingSpec, MethodRecord, TrainingContext
+from pipelines.models.methods import GradientTrainingSpec, MethodRecord, TrainingBatch, TrainingContext
 from pipelines.params.train import TrainParams
 from pipelines.stages import calibration
 from pipelines.stages.base import StepContext, StepResult
@@ -134,7 +136,9 @@ def train_loop(config: dict[str, Any]) -> None:
             generator = torch.Generator(device=device).manual_seed(
                 training.seed * 1_000_003 + state.step * 1009 + rank)
             computing_since = time.monotonic()
-            step_metrics = state.train_batch(previous["pixels"], previous["category"], generator, autocast)
+            step_metrics = state.train_batch(TrainingBatch(
+                pixels=previous["pixels"], categories=previous["category"], clean=previous.get("clean"),
+                masks=previous.get("mask")), generator, autocast)
             compute_seconds += time.monotonic() - computing_since
             window_images += len(previous["pixels"]) * world  # every rank trains on as many rows
             window_steps += 1
@@ -188,9 +192,16 @@ def _final_check(state: Any, world: int, skipped: int, resumed_from: int) -> dic
 # ---- the driver side ----------------------------------------------------------------------------
 
 def _epoch_stream(selection, params: TrainParams, epochs: range) -> ray.data.Dataset:
-    """Decoded and augmented images for `epochs`, one after the other, as one Ray dataset."""
+    """Decoded and augmented images for `epochs`, one after the other, as one Ray dataset (for
+    training_data "synthetic_pairs": each epoch's normal/anomaly pairs with clean images and masks)."""
     training: GradientTrainingSpec = params.method_params.training
-    streams = [decoded_images(selection, params.image_size, params.max_image_pixels).map_batches(
+    pairs = params.record.training_data == "synthetic_pairs"
+
+    def decoded(epoch: int) -> ray.data.Dataset:
+        return decoded_images(selection, params.image_size, params.max_image_pixels, with_masks=pairs,
+                              per_part=partial(pair_rows, seed=training.seed, epoch=epoch) if pairs else None)
+
+    streams = [decoded(epoch).map_batches(
         augment_batch,  # type: ignore[arg-type]  # Ray types `fn` as fn(batch), leaving out fn_kwargs
         fn_kwargs={"seed": training.seed, "epoch": epoch, "max_rotation": training.max_rotation,
                                   "hflip": training.hflip, "vflip": training.vflip},
@@ -232,14 +243,17 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
     trained = rows.fit_table.num_rows
     class_names = tuple(rows.categories)
     per_step = resources.batch_size * resources.workers
-    if trained < per_step:
+    fit_selection, epoch_rows = rows.fit, trained
+    if record.training_data == "synthetic_pairs":  # each normal image and one anomaly made from it
+        fit_selection, epoch_rows = calibration.with_synthetic_anomalies(rows, record.name), 2 * trained
+    if epoch_rows < per_step:
         raise InputError(f"{rows.folder.uri} has {trained} normal training images; one step needs "
-                         f"batch_size x workers = {per_step}")
+                         f"batch_size x workers = {per_step} rows")
 
     step_folder = context.root.join("runs", context.run_id, "steps", context.step.name)
     train_folder = step_folder.join("ray-train")
     resume_step = _latest_checkpoint_step(train_folder)
-    steps_per_epoch = trained // resources.workers // resources.batch_size
+    steps_per_epoch = epoch_rows // resources.workers // resources.batch_size
     first_epoch = resume_step // steps_per_epoch
     epochs = range(first_epoch, first_epoch + math.ceil((training.steps - resume_step) / steps_per_epoch) + 1)
     gpu = resources.gpus_per_worker > 0
@@ -264,7 +278,7 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
             name="run", storage_path=train_folder.path, storage_filesystem=train_folder.fs,
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=training.keep_checkpoints)),
-        datasets={"train": _epoch_stream(rows.fit, params, epochs)},
+        datasets={"train": _epoch_stream(fit_selection, params, epochs)},
     )
     try:
         result = trainer.fit()

@@ -18,7 +18,7 @@ from pipelines.models.diffusion import samplers
 from pipelines.models.diffusion.config import DdpmConfig, DdpmParams
 from pipelines.models.diffusion.training import TrainingState
 from pipelines.models.diffusion.unet import build_scheduler, build_unet
-from pipelines.models.methods import Published, TrainingContext
+from pipelines.models.methods import Published, TrainingBatch, TrainingContext
 
 
 def to_model_input(pixels: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -52,12 +52,13 @@ class DdpmTrainingState:
     def forward_model(self, model: torch.nn.Module) -> None:
         self.state.forward_model = model
 
-    def train_batch(self, pixels: np.ndarray, categories: np.ndarray, generator: torch.Generator,
+    def train_batch(self, batch: TrainingBatch, generator: torch.Generator,
                     autocast_dtype: torch.dtype | None) -> dict[str, float]:
         device = self.state.device
-        labels = (torch.tensor([self.classes[c] for c in categories], device=device)
+        labels = (torch.tensor([self.classes[c] for c in batch.categories], device=device)
                   if self.config.num_classes else None)
-        return self.state.train_step(to_model_input(pixels, device), labels, generator, autocast_dtype=autocast_dtype)
+        return self.state.train_step(to_model_input(batch.pixels, device), labels, generator,
+                                     autocast_dtype=autocast_dtype)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self.state.state_tensors()

@@ -21,6 +21,7 @@ from torch import nn
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
 from pipelines.models.diffusion.process import Diffusion
 from pipelines.models.diffusion.unet import build_unet, check_class_labels
+from pipelines.models.optimizer_state import optimizer_tensor_names, optimizer_tensors, restore_optimizer
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -129,15 +130,10 @@ class TrainingState:
         for prefix, model in (("model", self.module), ("ema", self.ema)):
             for name, value in model.state_dict().items():
                 tensors[f"{prefix}/{name}"] = value.detach().to("cpu", copy=True).contiguous()
-        optimizer = self.optimizer.state_dict()
-        adam_steps = {}
-        for index, state in optimizer["state"].items():
-            for name, value in state.items():
-                if name == "step":
-                    adam_steps[str(index)] = float(value)
-                else:
-                    tensors[f"optim/{index}/{name}"] = value.detach().to("cpu", copy=True).contiguous()
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]]
+        optimizer_state, adam_steps = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer_state)
+        groups = [{k: v for k, v in group.items() if k != "params"}
+                  for group in self.optimizer.state_dict()["param_groups"]]
         meta = {
             "format": _META_FORMAT,
             "step": self.step,
@@ -163,23 +159,15 @@ class TrainingState:
         expected = {f"{prefix}/{name}" for prefix, model in (("model", self.module), ("ema", self.ema))
                     for name in model.state_dict()}
         adam_steps = meta["optimizer"]["adam_steps"]  # empty before the first step
-        expected |= {f"optim/{index}/{name}" for index in adam_steps for name in ("exp_avg", "exp_avg_sq")}
+        expected |= optimizer_tensor_names(adam_steps)
         if set(tensors) != expected:
             missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(
                 f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for prefix, model in (("model", self.module), ("ema", self.ema)):
             model.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")})
-        # Clone: the optimizer may keep the given tensors as its state and update them in place.
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, index, name = key.split("/")
-                state.setdefault(int(index), {})[name] = value.clone()
-        for index, step in adam_steps.items():
-            state[int(index)]["step"] = torch.tensor(step, dtype=torch.float32)
         count = len(list(self.module.parameters()))
         groups = [{**group, "betas": tuple(group["betas"]), "params": list(range(count))}
                   for group in meta["optimizer"]["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        restore_optimizer(self.optimizer, tensors, adam_steps, groups)
         self.step = int(meta["step"])

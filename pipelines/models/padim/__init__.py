@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipelines.errors import SpecError
 from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.methods import MethodRecord, register
+from pipelines.models.methods import MethodRecord, check_image_score, register
 from pipelines.spec_fields import check_image_size, check_positive, short_repr
 
 
@@ -25,6 +25,9 @@ class PadimConfig:
     covariance_epsilon: float = 0.01
     map_sigma: float = 4.0
     seed: int = 0
+    # "max" (the paper's): the most anomalous position; "mean": the map's average, which also sees
+    # a whole-image change (README "Global defects")
+    image_score: str = "max"
 
     def validate(self, path: str) -> PadimConfig:
         """The job spec's check (`path` is e.g. `steps[4].padim`), from a table: no backbone is built."""
@@ -46,6 +49,7 @@ class PadimConfig:
         check_positive(self.covariance_epsilon, f"{path}.covariance_epsilon")
         check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
         check_positive(self.seed, f"{path}.seed", allow_zero=True)
+        check_image_score(self.image_score, f"{path}.image_score")
         return self
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.models.anomaly_maps import gaussian_blur
+from pipelines.models.anomaly_maps import gaussian_blur, image_scores
 from pipelines.models.backbones import shared_feature_extractor
 from pipelines.models.methods import ScoreBatch
 from pipelines.models.padim import PadimConfig
@@ -130,7 +130,7 @@ class Padim(nn.Module):
             distance = squared.sqrt().T.reshape(b, 1, h, w)
             maps = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             maps = gaussian_blur(maps, self.config.map_sigma)
-        return maps.amax(dim=(1, 2)), maps
+        return image_scores(maps, self.config.image_score), maps
 
     def score(self, images: torch.Tensor, row_ids: Sequence[str]) -> ScoreBatch:
         """The method contract's scoring call: PaDiM draws no noise, so the row ids are not used."""

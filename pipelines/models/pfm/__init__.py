@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 from pipelines.errors import SpecError
 from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.methods import GradientTrainingSpec, MethodRecord, register
+from pipelines.models.methods import GradientTrainingSpec, MethodRecord, check_image_score, register
 from pipelines.spec_fields import check_image_size, check_positive, short_repr
-
-IMAGE_SCORES = ("max", "mean")  # pipelines.models.anomaly_maps.image_scores
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,7 @@ class PfmConfig:
         # the deepest stage's stride must divide the image
         check_image_size(self.image_size, f"{path}.image_size", minimum=32, multiple=2 ** (max(stages) + 1))
         check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
-        if self.image_score not in IMAGE_SCORES:
-            raise SpecError(f"{path}.image_score", f"{short_repr(self.image_score)}; expected one of "
-                                                   f"{', '.join(IMAGE_SCORES)}")
+        check_image_score(self.image_score, f"{path}.image_score")
         return self
 
     def channels(self, backbone: str) -> tuple[int, ...]:

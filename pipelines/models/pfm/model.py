@@ -28,7 +28,8 @@ from torch import nn
 from pipelines.models.anomaly_maps import gaussian_blur, image_scores
 from pipelines.models.artifacts import ALL_CATEGORIES
 from pipelines.models.backbones import shared_feature_extractor
-from pipelines.models.methods import Published, ScoreBatch, TrainingContext
+from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
+from pipelines.models.optimizer_state import optimizer_tensors, restore_optimizer
 from pipelines.models.pfm import PfmConfig, PfmParams
 
 DIRECTIONS = ("source_to_target", "target_to_source")
@@ -188,10 +189,11 @@ class PfmTrainingState:
                            for name, channels in zip(variance_names(self.config), error_channels(self.config),
                                                      strict=True)}
 
-    def train_batch(self, pixels: np.ndarray, categories: np.ndarray, generator: torch.Generator,
+    def train_batch(self, batch: TrainingBatch, generator: torch.Generator,
                     autocast_dtype: torch.dtype | None) -> dict[str, float]:
-        """One step on decoded (B, S, S, 3) uint8 images. Nothing is random here (the generator is unused)."""
-        images = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float().div(255)
+        """One step on a batch of normal images. Nothing is random here (the generator is unused)."""
+        images = torch.from_numpy(np.ascontiguousarray(batch.pixels)).to(self.device)
+        images = images.permute(0, 3, 1, 2).float().div(255)
         autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
@@ -227,14 +229,8 @@ class PfmTrainingState:
         tensors = {f"model/{k}": v.detach().to("cpu", copy=True).contiguous()
                    for k, v in self.module.state_dict().items()}
         tensors.update({f"error_sums/{k}": v.clone() for k, v in self.error_sums.items()})
-        optimizer = self.optimizer.state_dict()
-        adam_steps = {}
-        for index, state in optimizer["state"].items():
-            for name, value in state.items():
-                if name == "step":
-                    adam_steps[str(index)] = float(value)
-                else:
-                    tensors[f"optim/{index}/{name}"] = value.detach().to("cpu", copy=True).contiguous()
+        optimizer_state, adam_steps = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer_state)
         return tensors, {"format": _META_FORMAT, "step": self.step, "adam_steps": adam_steps,
                          "steps": self.params.training.steps, "variance_steps": self.params.variance_steps}
 
@@ -247,15 +243,7 @@ class PfmTrainingState:
         self.module.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
         self.error_sums = {k[len("error_sums/"):]: v.clone() for k, v in tensors.items()
                            if k.startswith("error_sums/")}
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, index, name = key.split("/")
-                state.setdefault(int(index), {})[name] = value.clone().to(self.device)
-        for index, step in meta["adam_steps"].items():
-            state[int(index)]["step"] = torch.tensor(step, dtype=torch.float32)
-        saved = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        restore_optimizer(self.optimizer, tensors, meta["adam_steps"])
         self.step = int(meta["step"])
 
 
