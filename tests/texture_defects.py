@@ -61,3 +61,41 @@ def write_brick_archive(folder: Path) -> Path:
         write(folder / "brick" / "test" / "patch" / f"{i:03d}.png", png(patched(test[10 + i], seed=i)))
         write(folder / "brick" / "test" / "rescaled" / f"{i:03d}.png", png(rescaled(test[20 + i])))
     return folder
+
+
+def crops_of(texture: str, count: int, size: int, seed: int, rows: slice = slice(None)) -> np.ndarray:
+    """`count` random crops of a scikit-image texture (brick, grass, gravel) as RGB."""
+    image = np.stack([getattr(skimage.data, texture)()[rows]] * 3, -1)
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, image.shape[0] - size, count)
+    xs = rng.integers(0, image.shape[1] - size, count)
+    return np.stack([image[y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+def pasted(image: np.ndarray, donor: np.ndarray, seed: int, side: int = 24) -> np.ndarray:
+    """A local defect: a `side` px square of another texture's crop pasted at a random place."""
+    rng = np.random.default_rng(seed)
+    out = image.copy()
+    y, x = rng.integers(8, image.shape[0] - side - 8, 2)
+    out[y:y + side, x:x + side] = donor[y:y + side, x:x + side]
+    return out
+
+
+def write_textures_archive(folder: Path, trained: tuple[str, ...], unseen: str, train_count: int = 24) -> Path:
+    """MVTec layout with several texture categories: `train_count` normal training crops of each
+    (top half of the texture); for the `unseen` one a test split (bottom half): 10 good and 10
+    with a square of brick (or grass, for brick) pasted in; for the first trained one a test
+    split of 10 good and 10 rescaled 1.6x (a global defect)."""
+    for name in (*trained, unseen):
+        for i, pixels in enumerate(crops_of(name, train_count, SIZE, seed=0, rows=slice(0, 256))):
+            write(folder / name / "train" / "good" / f"{i:03d}.png", png(pixels))
+    seen = crops_of(trained[0], 20, SIZE, seed=1, rows=slice(256, None))
+    for i in range(10):
+        write(folder / trained[0] / "test" / "good" / f"{i:03d}.png", png(seen[i]))
+        write(folder / trained[0] / "test" / "rescaled" / f"{i:03d}.png", png(rescaled(seen[10 + i])))
+    test = crops_of(unseen, 20, SIZE, seed=1, rows=slice(256, None))
+    donors = crops_of("grass" if unseen == "brick" else "brick", 10, SIZE, seed=2)
+    for i in range(10):
+        write(folder / unseen / "test" / "good" / f"{i:03d}.png", png(test[i]))
+        write(folder / unseen / "test" / "patch" / f"{i:03d}.png", png(pasted(test[10 + i], donors[i], seed=i)))
+    return folder

@@ -1,4 +1,5 @@
-"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline), PFM and RealNet.
+"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline), PFM, RealNet and
+ResAD few-shot.
 
 For each --splits seed the ELPV cells are split exactly as the demo's ingest step splits them
 (`padim_quality.elpv_split`: 60% of the normal cells of each type train, the other normals and
@@ -18,6 +19,10 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   normal paired with one of its anomalies (`pipelines.data.synthetic_pairs`), features cached
   once; --realnet-steps steps of batch 8. ELPV's real defects (cracks, dark cells) are a generator
   it never saw.
+- resad: `pipelines.models.resad` with its defaults (Lite0 stages 1-3, 8 couplings per level),
+  trained for --resad-steps steps on the *other* cell type's synthetic pairs (made as RealNet's),
+  then scoring this type from --resad-shots of its normal training cells, no retraining: the
+  class-generalisation ResAD is for. Compare it with PaDiM fitted on all of this type's normals.
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
@@ -94,11 +99,40 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
     return scores, seconds, count
 
 
+def synthetic_block(train: list[dict], category: str, size: int, per_image: int) -> dict:
+    """What a `synthesize` step with include_normals writes for these normal cells, as one block:
+    each normal, then its `per_image` anomalies (the stage's seeds and recipe: Perlin-masked
+    textures from scikit-image's gravel, rocket, coffee, chelsea, and CutPaste)."""
+    import numpy as np
+    import skimage.data
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.synthesis.config import PerlinConfig
+    from pipelines.synthesis.recipe import SourcePlan, row_seed, synthesize_one
+
+    textures = [decode_rgb(_png(getattr(skimage.data, name)()), size) for name in ("gravel", "rocket", "coffee",
+                                                                                   "chelsea")]
+    plans = (SourcePlan("texture", 1.0, (0.2, 1.0)), SourcePlan("cutpaste", 1.0, (1.0, 1.0)))
+    ids, sources, labels, pixels, masks = [], [], [], [], []
+    for row in train:
+        image = decode_rgb(Path(row["file"]).read_bytes(), size)
+        ids.append(row["image_id"]), sources.append(""), labels.append(0)
+        pixels.append(image), masks.append(np.zeros((size, size), bool))
+        for copy in range(per_image):
+            seed = row_seed(0, row["image_id"], copy)
+            plan = plans[int(np.random.default_rng(seed).integers(len(plans)))]
+            made = synthesize_one(image, plan, seed, perlin=PerlinConfig(), textures=textures)
+            ids.append(f"{row['image_id']}#synth-{copy}"), sources.append(row["image_id"]), labels.append(1)
+            pixels.append(made.image), masks.append(made.mask)
+    return {"image_id": np.array(ids, object), "category": np.array([category] * len(ids), object),
+            "label": np.array(labels, np.int8), "source_image_id": np.array(sources, object),
+            "pixels": np.stack(pixels), "mask": np.stack(masks), "error": np.array([""] * len(ids), object)}
+
+
 def realnet_scores(items: list[dict], steps: int, batch_size: int,
                    per_image: int) -> tuple[dict[str, float], float, int]:
     """({image_id: score}, seconds scoring, test images scored)."""
     import numpy as np
-    import skimage.data
     import torch
 
     from pipelines.data.preprocess import decode_rgb
@@ -106,14 +140,9 @@ def realnet_scores(items: list[dict], steps: int, batch_size: int,
     from pipelines.models.methods import GradientTrainingSpec, TrainingContext
     from pipelines.models.realnet import RealnetParams
     from pipelines.models.realnet.model import IMPLEMENTATION as REALNET
-    from pipelines.synthesis.config import PerlinConfig
-    from pipelines.synthesis.recipe import SourcePlan, row_seed, synthesize_one
 
     params = RealnetParams(training=GradientTrainingSpec(steps=steps))
     size = params.image_size
-    textures = [decode_rgb(_png(getattr(skimage.data, name)()), size) for name in ("gravel", "rocket", "coffee",
-                                                                                   "chelsea")]
-    plans = (SourcePlan("texture", 1.0, (0.2, 1.0)), SourcePlan("cutpaste", 1.0, (1.0, 1.0)))
     scores: dict[str, float] = {}
     seconds, count = 0.0, 0
     for category in CATEGORIES:
@@ -122,21 +151,9 @@ def realnet_scores(items: list[dict], steps: int, batch_size: int,
         context = TrainingContext(class_names=(category,), device="cpu", seed=0)
         state = REALNET.training_state(params, context)
         started = time.perf_counter()
-        # The synthesize stage's rows: each normal, then its anomalies (the stage's seeds and recipe).
-        ids, sources, labels, pixels, masks = [], [], [], [], []
-        for row in train:
-            image = decode_rgb(Path(row["file"]).read_bytes(), size)
-            ids.append(row["image_id"]), sources.append(""), labels.append(0)
-            pixels.append(image), masks.append(np.zeros((size, size), bool))
-            for copy in range(per_image):
-                seed = row_seed(0, row["image_id"], copy)
-                plan = plans[int(np.random.default_rng(seed).integers(len(plans)))]
-                made = synthesize_one(image, plan, seed, perlin=PerlinConfig(), textures=textures)
-                ids.append(f"{row['image_id']}#synth-{copy}"), sources.append(row["image_id"]), labels.append(1)
-                pixels.append(made.image), masks.append(made.mask)
-        block = {"image_id": np.array(ids, object), "category": np.array([category] * len(ids), object),
-                 "label": np.array(labels, np.int8), "source_image_id": np.array(sources, object),
-                 "pixels": np.stack(pixels), "mask": np.stack(masks), "error": np.array([""] * len(ids), object)}
+        block = synthetic_block(train, category, size, per_image)
+        ids = [str(i) for i in block["image_id"]]
+        sources = [str(i) for i in block["source_image_id"]]
         # The frozen backbone once per image; the steps then run on cached features.
         features = []
         for start in range(0, len(ids), batch_size):
@@ -176,6 +193,75 @@ def realnet_scores(items: list[dict], steps: int, batch_size: int,
     return scores, seconds, count
 
 
+def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
+                 shots: int) -> tuple[dict[str, float], float, int]:
+    """ResAD few-shot on a cell type it never saw: trained on the *other* type's synthetic pairs
+    (as RealNet's), then applied to this type from `shots` of its normal training cells (drawn
+    with seed 0 as a `references:` score job draws them), no retraining. ({image_id: score},
+    seconds scoring, test images scored)."""
+    import numpy as np
+    import torch
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.data.synthetic_pairs import pair_rows
+    from pipelines.models.methods import GradientTrainingSpec, TrainingContext
+    from pipelines.models.resad import ResadConfig, ResadParams
+    from pipelines.models.resad.model import IMPLEMENTATION as RESAD
+
+    params = ResadParams(model=ResadConfig(shots=shots), training=GradientTrainingSpec(steps=steps))
+    size = params.image_size
+    scores: dict[str, float] = {}
+    seconds, count = 0.0, 0
+    for trained, unseen in zip(CATEGORIES, CATEGORIES[::-1], strict=True):
+        train = [r for r in items if r["category"] == trained and r["split"] == "train"]
+        context = TrainingContext(class_names=(trained,), device="cpu", seed=0)
+        state = RESAD.training_state(params, context)
+        started = time.perf_counter()
+        block = synthetic_block(train, trained, size, per_image)
+        ids = [str(i) for i in block["image_id"]]
+        features = []
+        for start in range(0, len(ids), batch_size):
+            chunk = torch.from_numpy(block["pixels"][start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+            features.append(state.features(chunk))
+        cached = [torch.cat([f[level] for f in features]) for level in range(len(params.model.stages))]
+        del features
+        where = {image_id: index for index, image_id in enumerate(ids)}
+        step, epoch = 0, 0
+        while step < steps:
+            pairs = pair_rows(block, seed=0, epoch=epoch)
+            epoch += 1
+            rows = torch.tensor([where[str(i)] for i in pairs["image_id"]])
+            for start in range(0, len(rows) - batch_size + 1, batch_size):
+                if step >= steps:
+                    break
+                chosen = rows[start:start + batch_size]
+                generator = torch.Generator().manual_seed(step * 1009)  # the train stage's seeding, rank 0
+                state.train_features([c[chosen] for c in cached], [trained] * len(chosen),
+                                     torch.from_numpy(block["mask"][chosen.numpy()]), generator)
+                step += 1
+        tensors, meta = state.state_tensors()
+        published = RESAD.published(params, context, tensors, meta)
+        model = RESAD.build(published.config, published.tensors[trained]).eval()
+        candidates = sorted((r for r in items if r["category"] == unseen and r["split"] == "train"),
+                            key=lambda r: r["image_id"])
+        picked = np.sort(np.random.default_rng(0).choice(len(candidates), shots, replace=False))
+        shot_pixels = np.stack([decode_rgb(Path(candidates[i]["file"]).read_bytes(), size) for i in picked])
+        model = RESAD.with_references(model, torch.from_numpy(shot_pixels).permute(0, 3, 1, 2).float() / 255)
+        print(f"  resad {trained} -> {unseen}: {len(train)} normals + {len(train) * per_image} anomalies, trained "
+              f"{steps} steps in {time.perf_counter() - started:.0f} s; {shots} shots of {unseen}", flush=True)
+        test = [r for r in items if r["category"] == unseen and r["split"] == "test"]
+        for start in range(0, len(test), batch_size):
+            rows_ = test[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows_]))
+            began = time.perf_counter()
+            image_scores, _ = model(batch.permute(0, 3, 1, 2).float().div_(255.0))
+            seconds += time.perf_counter() - began
+            count += len(rows_)
+            for row, value in zip(rows_, image_scores.tolist(), strict=True):
+                scores[row["image_id"]] = value
+    return scores, seconds, count
+
+
 def _png(array) -> bytes:
     import io
 
@@ -193,7 +279,9 @@ def main() -> int:
     parser.add_argument("--pfm-steps", type=int, default=1000)
     parser.add_argument("--realnet-steps", type=int, default=1000)
     parser.add_argument("--realnet-per-image", type=int, default=2)
-    parser.add_argument("--detectors", default="padim,pfm,realnet")
+    parser.add_argument("--resad-steps", type=int, default=600)
+    parser.add_argument("--resad-shots", type=int, default=4)
+    parser.add_argument("--detectors", default="padim,pfm,realnet,resad")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -221,11 +309,16 @@ def main() -> int:
                                                                      args.realnet_per_image)
             rows["realnet"] = auroc_per_category(items, realnet)
             speed.setdefault("realnet", []).append(realnet_count / realnet_seconds)
+        if "resad" in detectors:
+            resad, resad_seconds, resad_count = resad_scores(items, args.resad_steps, args.batch_size,
+                                                             args.realnet_per_image, args.resad_shots)
+            rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
+            speed.setdefault("resad", []).append(resad_count / resad_seconds)
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
             print(f"split {split} {name:11s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
     print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps, RealNet "
-          f"{args.realnet_steps} steps:")
+          f"{args.realnet_steps} steps, ResAD {args.resad_steps} steps (trained on the other cell type):")
     for name, values in results.items():
         cells = []
         for category in CATEGORIES:

@@ -12,6 +12,7 @@ stage), and its preprocessing (input normalisation) travels with it.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -156,3 +157,9 @@ def shared_feature_extractor(name: str, stages: tuple[int, ...]) -> FeatureExtra
     if key not in _SHARED_EXTRACTORS:
         _SHARED_EXTRACTORS[key] = FeatureExtractor(name, key[1])
     return _SHARED_EXTRACTORS[key]
+
+
+def unit_rms(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> float32, each position's channel vector scaled to unit root-mean-square:
+    one scale for the residuals of every channel, level and class (RealNet, ResAD)."""
+    return (torch.nn.functional.normalize(features.float(), dim=1) * math.sqrt(features.shape[1])).contiguous()

@@ -56,6 +56,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "ddpm": "pipelines.models.diffusion",
     "pfm": "pipelines.models.pfm",
     "realnet": "pipelines.models.realnet",
+    "resad": "pipelines.models.resad",
 }
 
 
@@ -71,6 +72,8 @@ class MethodRecord:
     artifact_config: type | None = None  # what the artifact's config.json holds; default `params`
     # What a generator's implementation can do for other stages: "sample" (draw images: the sample
     # stage) and "sdas" (sample with RealNet's variance strength s: synthesize's sdas source).
+    # A detector's: "references" (score a category from a few of its normal images, given by the
+    # score job's `references:`; the implementation has `with_references(model, images)`).
     capabilities: frozenset[str] = frozenset()
     training_data: TrainingData = "normals"  # gradient methods: what a batch holds
     summary: str = ""  # one line for error messages and docs

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.data.limits import DEFAULT_MAX_PIXELS
+from pipelines.errors import SpecError
 from pipelines.spec_fields import DatasetInputSpec, ModelInputSpec, ResourcesSpec, check_name, check_positive
 
 
@@ -21,6 +24,32 @@ class ScoreOutputSpec:
 
 
 @dataclass(frozen=True)
+class ReferencesSpec(DatasetInputSpec):
+    """`references:` — score `category` against `count` of its normal images (label 0) from
+    `dataset`, drawn with `seed` among those of `split`: a detector that can (ResAD) applies to a
+    category it was never trained on, with no retraining. The chosen image ids go into the scores'
+    manifest. `threshold`: the decision threshold for that category (default: the highest score of
+    a reference against the others, leave-one-out; the trained categories' thresholds do not
+    carry over, their score levels differ by category)."""
+
+    category: str = ""
+    count: int = 4
+    split: Literal["train", "test"] | None = "train"
+    seed: int = 0
+    threshold: float | None = None
+
+    def validate(self, path: str) -> ReferencesSpec:
+        dataset = DatasetInputSpec(self.dataset).validate(path).dataset
+        if not self.category:
+            raise SpecError(f"{path}.category", "names the category to score from the reference images; it is missing")
+        check_positive(self.count, f"{path}.count")
+        check_positive(self.seed, f"{path}.seed", allow_zero=True)
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise SpecError(f"{path}.threshold", f"must be a finite number, got {self.threshold}")
+        return dataclasses.replace(self, dataset=dataset)
+
+
+@dataclass(frozen=True)
 class ScoreParams:
     inputs: DatasetInputSpec
     model: ModelInputSpec
@@ -28,6 +57,7 @@ class ScoreParams:
     outputs: ScoreOutputSpec = ScoreOutputSpec()
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     resources: ResourcesSpec = ResourcesSpec(workers=1)
+    references: ReferencesSpec | None = None  # few-shot: a detector with the "references" capability
 
     def validate(self, path: str) -> ScoreParams:
         check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")

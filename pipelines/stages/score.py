@@ -20,7 +20,7 @@ import torch
 from pipelines import datasets
 from pipelines.errors import InputError
 from pipelines.models.artifacts import ModelCard
-from pipelines.models.inference import encode_map, score_in_slots
+from pipelines.models.inference import encode_map, score_in_slots, to_tensor
 from pipelines.models.methods import MethodRecord
 from pipelines.params.score import ScoreParams
 from pipelines.spec import StepSpec
@@ -34,6 +34,7 @@ from pipelines.stages.image_batches import (
     select_rows,
 )
 from pipelines.stages.parts import PartPlan, Workers, run_parts
+from pipelines.stages.references import ReferenceImages, reference_images, refuse_scored_references
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -42,12 +43,18 @@ class Scorer:
     """Scorer actor: loads the detector's models once, then scores batches of decoded rows."""
 
     def __init__(self, model_folder: Location, record: MethodRecord, batch_size: int, anomaly_maps: bool,
-                 threads: int):
+                 threads: int, references: ReferenceImages | None = None):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.models = ModelCard.read(model_folder, record).require("detector", "scoring").load(self.device)
         self.batch_size = batch_size
         self.anomaly_maps = anomaly_maps
+        if references is not None:  # few-shot: the reference category gets a model of its own
+            base = self.models.models[self.models.key_for(references.category) or sorted(self.models.models)[0]]
+            with torch.inference_mode():
+                self.models.models[references.category] = record.load().with_references(
+                    base, to_tensor(references.pixels, self.device))
+            self.models.thresholds[references.category] = references.threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["image_id"])
@@ -129,8 +136,14 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
             return np.ones(table.num_rows, bool)
         return pc.equal(table["split"], params.split).fill_null(False).to_numpy(zero_copy_only=False)
 
-    selections, _ = select_rows(images, manifest, wanted)
-    model_fingerprint = datasets.fingerprint([model_folder.uri, card.thresholds])
+    selections, scored_rows = select_rows(images, manifest, wanted)
+    references = None
+    if params.references is not None:
+        references = reference_images(params.references, card, context, params.max_image_pixels)
+        refuse_scored_references(references, scored_rows, images.uri)
+        context.log("references", **references.provenance())
+    model_fingerprint = datasets.fingerprint([model_folder.uri, card.thresholds,
+                                              references.provenance() if references else None])
     plans = [PartPlan(s.part, datasets.fingerprint([s.location.uri, s.rows, model_fingerprint,
                                                     params.outputs.anomaly_maps, params.max_image_pixels]),
                       len(s.rows)) for s in selections]
@@ -142,7 +155,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         source=lambda todo: decoded_images([by_part[p.part] for p in todo], card.image_size, params.max_image_pixels),
         workers=Workers(Scorer, {"model_folder": model_folder, "record": card.record,
                                  "batch_size": resources.batch_size, "anomaly_maps": params.outputs.anomaly_maps,
-                                 "threads": int(resources.cpus_per_worker)},
+                                 "threads": int(resources.cpus_per_worker), "references": references},
                         resources, resources.batch_size, decoded_queue_bytes(selections, card.image_size)),
         build_table=lambda rows: _part_table(rows, model_name, context.run_id, scored_at))
 
@@ -152,17 +165,24 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     published = datasets.publish(
         folder, name=archive, version=context.run_id, table="scores", schema=SCORES_SCHEMA, parts=outcome.records,
         lineage=context.lineage(input=images.uri, model=model_folder.uri),
-        extra={"errors": len(error_rows), "predicted_anomalous": predicted, "model": model_name},
+        extra={"errors": len(error_rows), "predicted_anomalous": predicted, "model": model_name,
+               **({"references": references.provenance()} if references else {})},
     )
     lines = [f"scored {published.rows} images with {model_name} in {seconds:.1f} s "
              f"({scored / seconds:.1f} images/s) -> {folder.uri}"
              + (f" ({outcome.reused} parts from an earlier attempt)" if outcome.reused else ""),
              f"  {predicted} predicted anomalous at the model's thresholds"]
+    if references is not None:
+        lines.append(f"  {references.category}: scored against {len(references.image_ids)} reference images "
+                     f"({', '.join(references.image_ids)}), threshold {references.threshold:.4f}"
+                     + ("" if params.references and params.references.threshold is not None
+                        else " (leave-one-out over the references)"))
     if error_rows:
         lines.append(f"  {len(error_rows)} rows could not be scored (kept with their error):")
         lines += [f"    {image_id}: {error}" for image_id, error in error_rows[:10]]
     return StepResult(output=folder.uri, rows=published.rows, rejected=len(error_rows),
                       details={"errors": len(error_rows), "predicted_anomalous": predicted,
+                               "references": references.provenance() if references else None,
                                "images_per_second": round(scored / seconds, 2) if scored else None,
                                "reused_parts": outcome.reused},
                       summary=tuple(lines))

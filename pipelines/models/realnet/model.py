@@ -15,7 +15,6 @@ h_l x h_l (h_l = S / stride_l):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,17 +25,12 @@ from torch import nn
 
 from pipelines.models.artifacts import ALL_CATEGORIES
 from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.backbones import shared_feature_extractor
+from pipelines.models.backbones import shared_feature_extractor, unit_rms
 from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
 from pipelines.models.optimizer_state import optimizer_tensors, restore_optimizer
 from pipelines.models.realnet import RealnetConfig, RealnetParams
 
 _META_FORMAT = "adpipe-realnet-training/1"
-
-
-def unit_rms(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> float32, each position's channel vector scaled to unit root-mean-square."""
-    return (F.normalize(features.float(), dim=1) * math.sqrt(features.shape[1])).contiguous()
 
 
 def _conv(inputs: int, outputs: int, stride: int = 1) -> nn.Conv2d:
