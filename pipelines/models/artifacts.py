@@ -124,6 +124,12 @@ class TrainedModels:
         return ModelCard.read(folder).load(device)
 
 
+def renamed(tensors: dict[str, torch.Tensor], prefix: str, new_prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, that prefix replaced by `new_prefix`: how a
+    checkpoint's `model/...` becomes an artifact's `network/...` and a state dict again."""
+    return {new_prefix + name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
 def save_artifact(folder: Location, method_name: str, config: Any, tensors: dict[str, dict[str, torch.Tensor]],
                   thresholds: dict[str, float] | None = None, info: dict[str, Any] | None = None,
                   lineage: dict[str, Any] | None = None) -> None:

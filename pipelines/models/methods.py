@@ -139,6 +139,20 @@ class GradientTrainingSpec:
         return self
 
 
+@dataclass(frozen=True)
+class AdamSpec:
+    """The `optim:` block of a gradient-trained detector with one learning rate (RealNet, ResAD)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def validate(self, path: str) -> AdamSpec:
+        if not (self.lr > 0) or self.lr == float("inf"):
+            raise SpecError(f"{path}.lr", f"must be a finite learning rate > 0, got {self.lr}")
+        check_positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
+        return self
+
+
 _REGISTRY: dict[str, MethodRecord] = {}
 
 

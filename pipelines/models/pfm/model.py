@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.models.anomaly_maps import gaussian_blur, image_scores
-from pipelines.models.artifacts import ALL_CATEGORIES
+from pipelines.models.artifacts import ALL_CATEGORIES, renamed
 from pipelines.models.backbones import shared_feature_extractor
 from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
 from pipelines.models.optimizer_state import optimizer_tensors, restore_optimizer
@@ -240,7 +240,7 @@ class PfmTrainingState:
         for key in ("steps", "variance_steps"):
             if meta.get(key) != getattr(self.params.training if key == "steps" else self.params, key):
                 raise ValueError(f"checkpoint {key} {meta.get(key)} differs from this run's")
-        self.module.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        self.module.load_state_dict(renamed(tensors, "model/"))
         self.error_sums = {k[len("error_sums/"):]: v.clone() for k, v in tensors.items()
                            if k.startswith("error_sums/")}
         restore_optimizer(self.optimizer, tensors, meta["adam_steps"])
@@ -286,7 +286,7 @@ class PfmImplementation:
     def published(params: PfmParams, context: TrainingContext, tensors: dict[str, torch.Tensor],
                   meta: dict[str, Any]) -> Published:
         """The mappings and the error variances of the last checkpoint, one model for every category."""
-        mappings = {f"mappings/{k[len('model/'):]}": v for k, v in tensors.items() if k.startswith("model/")}
+        mappings = renamed(tensors, "model/", "mappings/")
         sums = {k[len("error_sums/"):]: v for k, v in tensors.items() if k.startswith("error_sums/")}
         return Published(
             config=params.model, tensors={ALL_CATEGORIES: {**mappings, **variances_from_sums(sums)}},

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from pipelines.errors import SpecError
 from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.methods import GradientTrainingSpec, MethodRecord, register
+from pipelines.models.methods import AdamSpec, GradientTrainingSpec, MethodRecord, register
 from pipelines.spec_fields import check_image_size, check_positive, short_repr
 
 
@@ -76,23 +76,11 @@ class RealnetConfig:
 
 
 @dataclass(frozen=True)
-class RealnetOptim:
-    lr: float = 1e-3  # the authors use 1e-4 for 1000s of epochs; 1e-3 reaches as far in a CPU budget
-    weight_decay: float = 0.0
-
-    def validate(self, path: str) -> RealnetOptim:
-        if not (self.lr > 0) or self.lr == float("inf"):
-            raise SpecError(f"{path}.lr", f"must be a finite learning rate > 0, got {self.lr}")
-        check_positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
-        return self
-
-
-@dataclass(frozen=True)
 class RealnetParams:
     """The train step's `realnet:` block."""
 
     model: RealnetConfig = RealnetConfig()
-    optim: RealnetOptim = RealnetOptim()
+    optim: AdamSpec = AdamSpec()  # lr: the authors use 1e-4 for 1000s of epochs; 1e-3 reaches as far in a CPU budget
     training: GradientTrainingSpec = GradientTrainingSpec(steps=600, checkpoint_every=100)
     afs_steps: int = 16  # the first batches only choose the AFS channels (the code uses 64)
     feature_loss_weight: float = 1.0  # loss = segmentation cross-entropy + weight x feature MSE

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.models.artifacts import ALL_CATEGORIES
+from pipelines.models.artifacts import ALL_CATEGORIES, renamed
 from pipelines.models.backbone_channels import STAGE_CHANNELS
 from pipelines.models.backbones import shared_feature_extractor, unit_rms
 from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
@@ -270,7 +270,7 @@ class RealnetTrainingState:
         for key, mine in (("steps", self.params.training.steps), ("afs_steps", self.params.afs_steps)):
             if meta.get(key) != mine:
                 raise ValueError(f"checkpoint {key} {meta.get(key)} differs from this run's ({mine})")
-        self.module.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        self.module.load_state_dict(renamed(tensors, "model/"))
         self.mismatch_sums = [tensors[f"mismatch/{stage}"].clone() for stage in self.config.stages]
         self.mismatch_images = int(meta["mismatch_images"])
         self.selected = ([tensors[f"afs/{stage}"].clone().to(self.device) for stage in self.config.stages]
@@ -292,8 +292,7 @@ class RealnetImplementation:
         network = RealnetNetwork(config)
         if tensors is None:  # untrained: the first channels of each level
             return Realnet(config, network, [torch.arange(k) for k in config.afs_channels])
-        network.load_state_dict({k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")},
-                                strict=True)
+        network.load_state_dict(renamed(tensors, "network/"), strict=True)
         return Realnet(config, network, [tensors[f"afs/{stage}"] for stage in config.stages])
 
     @staticmethod
@@ -304,7 +303,7 @@ class RealnetImplementation:
     def published(params: RealnetParams, context: TrainingContext, tensors: dict[str, torch.Tensor],
                   meta: dict[str, Any]) -> Published:
         """The network and the AFS channels of the last checkpoint, one model for every category."""
-        network = {f"network/{k[len('model/'):]}": v for k, v in tensors.items() if k.startswith("model/")}
+        network = renamed(tensors, "model/", "network/")
         selected = {k: v for k, v in tensors.items() if k.startswith("afs/")}
         return Published(
             config=params.model, tensors={ALL_CATEGORIES: {**network, **selected}},

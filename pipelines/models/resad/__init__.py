@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from pipelines.errors import SpecError
 from pipelines.models.backbone_channels import STAGE_CHANNELS
-from pipelines.models.methods import GradientTrainingSpec, MethodRecord, check_image_score, register
+from pipelines.models.methods import AdamSpec, GradientTrainingSpec, MethodRecord, check_image_score, register
 from pipelines.spec_fields import check_image_size, check_positive, short_repr
 
 
@@ -83,23 +83,11 @@ class ResadConfig:
 
 
 @dataclass(frozen=True)
-class ResadOptim:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-
-    def validate(self, path: str) -> ResadOptim:
-        if not (self.lr > 0) or self.lr == float("inf"):
-            raise SpecError(f"{path}.lr", f"must be a finite learning rate > 0, got {self.lr}")
-        check_positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
-        return self
-
-
-@dataclass(frozen=True)
 class ResadParams:
     """The train step's `resad:` block."""
 
     model: ResadConfig = ResadConfig()
-    optim: ResadOptim = ResadOptim()
+    optim: AdamSpec = AdamSpec()
     training: GradientTrainingSpec = GradientTrainingSpec(steps=600, checkpoint_every=100)
     reference_buffer: int = 16  # recent normal images kept per class to draw training shots from
     sphere_radius: float = 0.5  # one-class loss: normal residuals within this RMS of 0, anomalies beyond 2x

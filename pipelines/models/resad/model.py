@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.models.anomaly_maps import gaussian_blur, image_scores
+from pipelines.models.artifacts import renamed
 from pipelines.models.backbones import shared_feature_extractor, unit_rms
 from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
 from pipelines.models.optimizer_state import optimizer_tensors, restore_optimizer
@@ -385,7 +386,7 @@ class ResadTrainingState:
         for key, mine in (("steps", self.params.training.steps), ("statistics_steps", self.params.statistics_steps)):
             if meta.get(key) != mine:
                 raise ValueError(f"checkpoint {key} {meta.get(key)} differs from this run's ({mine})")
-        self.module.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        self.module.load_state_dict(renamed(tensors, "model/"))
         self.buffers = {category: [tensors[f"buffer/{category}/{stage}"].clone().to(self.device)
                                    for stage in self.config.stages] for category in meta["buffered_classes"]}
         self.nll_sums = tensors["nll_sums"].clone()
@@ -416,8 +417,7 @@ class ResadImplementation:
             references = [torch.zeros(config.shots * (size // 2 ** (s + 1)) ** 2, c)
                           for s, c in zip(config.stages, config.channels, strict=True)]
             return Resad(config, network, references, torch.tensor([[0.0, 1.0]] * len(config.stages)))
-        network.load_state_dict({k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")},
-                                strict=True)
+        network.load_state_dict(renamed(tensors, "network/"), strict=True)
         return Resad(config, network, [tensors[f"references/{stage}"] for stage in config.stages],
                      tensors["statistics"])
 
@@ -437,7 +437,7 @@ class ResadImplementation:
         """One model per trained class: the shared networks, the class's newest `shots` buffered
         images as its references, and the fit-time statistics."""
         config = params.model
-        network = {f"network/{k[len('model/'):]}": v for k, v in tensors.items() if k.startswith("model/")}
+        network = renamed(tensors, "model/", "network/")
         sums = tensors["nll_sums"]
         if float(sums[:, 0].min()) == 0:
             raise ValueError("ResAD gathered no NLL statistics in its last statistics_steps steps: no class had "
