@@ -99,6 +99,19 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
     return scores, seconds, count
 
 
+def cached_features(state, pixels, batch_size: int) -> list:
+    """The frozen backbone's features of every row of `pixels` ((N, S, S, 3) uint8), computed once,
+    per level: the bench's training steps then run on these (`state.features` is the training
+    state's own backbone call)."""
+    import torch
+
+    features = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = torch.from_numpy(pixels[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        features.append(state.features(chunk))
+    return [torch.cat([f[level] for f in features]) for level in range(len(features[0]))]
+
+
 def synthetic_block(train: list[dict], category: str, size: int, per_image: int) -> dict:
     """What a `synthesize` step with include_normals writes for these normal cells, as one block:
     each normal, then its `per_image` anomalies (the stage's seeds and recipe: Perlin-masked
@@ -154,13 +167,7 @@ def realnet_scores(items: list[dict], steps: int, batch_size: int,
         block = synthetic_block(train, category, size, per_image)
         ids = [str(i) for i in block["image_id"]]
         sources = [str(i) for i in block["source_image_id"]]
-        # The frozen backbone once per image; the steps then run on cached features.
-        features = []
-        for start in range(0, len(ids), batch_size):
-            chunk = torch.from_numpy(block["pixels"][start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
-            features.append(state.features(chunk))
-        cached = [torch.cat([f[level] for f in features]) for level in range(len(params.model.stages))]
-        del features
+        cached = cached_features(state, block["pixels"], batch_size)
         where = {image_id: index for index, image_id in enumerate(ids)}
         clean_of = {image_id: where[source or image_id] for image_id, source in zip(ids, sources, strict=True)}
         step, epoch = 0, 0
@@ -219,12 +226,7 @@ def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
         started = time.perf_counter()
         block = synthetic_block(train, trained, size, per_image)
         ids = [str(i) for i in block["image_id"]]
-        features = []
-        for start in range(0, len(ids), batch_size):
-            chunk = torch.from_numpy(block["pixels"][start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
-            features.append(state.features(chunk))
-        cached = [torch.cat([f[level] for f in features]) for level in range(len(params.model.stages))]
-        del features
+        cached = cached_features(state, block["pixels"], batch_size)
         where = {image_id: index for index, image_id in enumerate(ids)}
         step, epoch = 0, 0
         while step < steps:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.errors import SpecError
-from pipelines.models.backbone_channels import STAGE_CHANNELS
+from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone
 from pipelines.models.methods import MethodRecord, check_image_score, register
 from pipelines.spec_fields import check_image_size, check_positive, short_repr
 
@@ -31,9 +31,7 @@ class PadimConfig:
 
     def validate(self, path: str) -> PadimConfig:
         """The job spec's check (`path` is e.g. `steps[4].padim`), from a table: no backbone is built."""
-        if self.backbone not in STAGE_CHANNELS:
-            raise SpecError(f"{path}.backbone", f"{short_repr(self.backbone)}; expected one of "
-                                                f"{', '.join(STAGE_CHANNELS)}")
+        check_backbone(self.backbone, f"{path}.backbone")
         channels = STAGE_CHANNELS[self.backbone]
         stages = list(self.stages)
         if not stages or stages != sorted(set(stages)) or any(s not in range(len(channels)) for s in stages):

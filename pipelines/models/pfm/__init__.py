@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.errors import SpecError
-from pipelines.models.backbone_channels import STAGE_CHANNELS
+from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone, check_stages
 from pipelines.models.methods import GradientTrainingSpec, MethodRecord, check_image_score, register
-from pipelines.spec_fields import check_image_size, check_positive, short_repr
+from pipelines.spec_fields import check_image_size, check_positive
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,11 @@ class PfmConfig:
     def validate(self, path: str) -> PfmConfig:
         for name in ("source_backbone", "target_backbone"):
             value = getattr(self, name)
-            if value not in STAGE_CHANNELS:
-                raise SpecError(f"{path}.{name}", f"{short_repr(value)}; expected one of {', '.join(STAGE_CHANNELS)}")
+            check_backbone(value, f"{path}.{name}")
         if self.source_backbone == self.target_backbone:
             raise SpecError(f"{path}.target_backbone", "must differ from source_backbone: PFM maps between two "
                                                        f"different networks, got {self.target_backbone!r} twice")
-        stages = list(self.stages)
-        if not stages or stages != sorted(set(stages)) or any(s not in range(5) for s in stages):
-            raise SpecError(f"{path}.stages", f"must be increasing indices in 0..4, got {short_repr(stages)}")
+        stages = check_stages(self.stages, f"{path}.stages")
         check_positive(self.latent_channels, f"{path}.latent_channels")
         # the deepest stage's stride must divide the image
         check_image_size(self.image_size, f"{path}.image_size", minimum=32, multiple=2 ** (max(stages) + 1))

@@ -30,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.errors import SpecError
-from pipelines.models.backbone_channels import STAGE_CHANNELS
+from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone, check_stages
 from pipelines.models.methods import AdamSpec, GradientTrainingSpec, MethodRecord, register
-from pipelines.spec_fields import check_image_size, check_positive, short_repr
+from pipelines.spec_fields import check_image_size, check_positive
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,8 @@ class RealnetConfig:
     score_pool: int = 16  # px: the image score is the max of the map average-pooled this wide
 
     def validate(self, path: str) -> RealnetConfig:
-        if self.backbone not in STAGE_CHANNELS:
-            raise SpecError(f"{path}.backbone", f"{short_repr(self.backbone)}; expected one of "
-                                                f"{', '.join(STAGE_CHANNELS)}")
-        stages = list(self.stages)
-        if not stages or stages != sorted(set(stages)) or any(s not in range(5) for s in stages):
-            raise SpecError(f"{path}.stages", f"must be increasing indices in 0..4, got {short_repr(stages)}")
+        check_backbone(self.backbone, f"{path}.backbone")
+        stages = check_stages(self.stages, f"{path}.stages")
         available = [STAGE_CHANNELS[self.backbone][s] for s in stages]
         if len(self.afs_channels) != len(stages) or any(
                 not 0 < k <= c for k, c in zip(self.afs_channels, available, strict=False)):

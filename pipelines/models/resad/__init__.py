@@ -35,9 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.errors import SpecError
-from pipelines.models.backbone_channels import STAGE_CHANNELS
+from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone, check_stages
 from pipelines.models.methods import AdamSpec, GradientTrainingSpec, MethodRecord, check_image_score, register
-from pipelines.spec_fields import check_image_size, check_positive, short_repr
+from pipelines.spec_fields import check_image_size, check_positive
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,8 @@ class ResadConfig:
     image_score: str = "max"
 
     def validate(self, path: str) -> ResadConfig:
-        if self.backbone not in STAGE_CHANNELS:
-            raise SpecError(f"{path}.backbone", f"{short_repr(self.backbone)}; expected one of "
-                                                f"{', '.join(STAGE_CHANNELS)}")
-        stages = list(self.stages)
-        if not stages or stages != sorted(set(stages)) or any(s not in range(5) for s in stages):
-            raise SpecError(f"{path}.stages", f"must be increasing indices in 0..4, got {short_repr(stages)}")
+        check_backbone(self.backbone, f"{path}.backbone")
+        stages = check_stages(self.stages, f"{path}.stages")
         for name in ("shots", "coupling_blocks", "flow_hidden"):
             check_positive(getattr(self, name), f"{path}.{name}")
         if self.positional_channels % 4:
