@@ -1,4 +1,5 @@
-"""The `adpipe` command line. Exit codes: 0 ok, 2 bad spec or input, 1 job failed."""
+"""The `adpipe` command line. Exit codes: 0 ok, 1 job failed, 2 bad spec or input, 3 the job
+succeeded but raised alerts (nightly drift or error limits), 75 the run (or archive) is busy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pipelines.errors import AdpipeError, InputError, RunInterrupted
 from pipelines.storage import Location
 
 ROOT_ENV = "ADPIPE_STORAGE_ROOT"
+ALERTS_EXIT = 3
 
 
 def _root(args: argparse.Namespace) -> Location:
@@ -48,7 +50,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     address = args.ray_address or spec.ray.address
     if address.startswith("http"):
         return _submit(spec, address, args.run_id, wait=True)
-    run_job(spec, run_id=args.run_id, ray_address=args.ray_address, handle_sigterm=True)
+    outcome = run_job(spec, run_id=args.run_id, ray_address=args.ray_address, handle_sigterm=True)
+    return _alerts_exit(outcome)
+
+
+def _alerts_exit(outcome) -> int:
+    alerts = [alert for result in outcome.results.values() for alert in result.details.get("alerts") or ()]
+    if alerts:
+        print(f"adpipe: {len(alerts)} alert(s) in run {outcome.run_id} (exit {ALERTS_EXIT}):", file=sys.stderr)
+        for alert in alerts:
+            print(f"  {alert}", file=sys.stderr)
+        return ALERTS_EXIT
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """One night of a `kind: nightly` spec: the night from --date or the spec's schedule, and a run
+    id that is the same for every attempt of that night with that spec (reruns resume it)."""
+    import dataclasses
+
+    from pipelines.errors import SpecError
+    from pipelines.orchestrator import run_job, spec_fingerprint
+    from pipelines.params.nightly import parse_date
+    from pipelines.runs import check_run_id
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if spec.kind != "nightly":
+        raise SpecError("kind", f"{args.spec} is a {spec.kind!r} job; 'adpipe nightly' runs kind: nightly specs")
+    [step] = spec.steps
+    night = parse_date(args.date, "--date") if args.date else step.params.night_date()
+    step = dataclasses.replace(step, params=dataclasses.replace(step.params, night=night.isoformat()))
+    spec = dataclasses.replace(spec, steps=(step,))
+    run_id = args.run_id or f"{spec.name}-{night.isoformat()}-{spec_fingerprint(spec)[:8]}"
+    check_run_id(run_id)
+    outcome = run_job(spec, run_id=run_id, ray_address=args.ray_address, handle_sigterm=True)
+    return _alerts_exit(outcome)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """SQL (DuckDB) over the nightly scores table of a spec, exposed as the view `scores`."""
+    from pipelines.orchestrator import storage_root
+    from pipelines.spec import load_spec
+    from pipelines.stages import scores_table
+
+    spec = load_spec(args.spec)
+    if spec.kind != "nightly":
+        raise InputError(f"{args.spec} is a {spec.kind!r} job; 'adpipe query' reads a nightly job's table")
+    params = spec.steps[0].params
+    result = scores_table.query(params.table, scores_table.catalog_properties(params.table.catalog,
+                                                                              storage_root(spec)), args.sql)
+    print(result.to_pandas().to_string(index=False) if args.format == "table" else result.to_pandas().to_csv(
+        index=False), end="" if args.format == "csv" else "\n")
     return 0
 
 
@@ -100,6 +153,8 @@ def _print_status(status: dict) -> None:
         if step.get("error"):
             parts.append(f"error: {step['error']}")
         print(" ".join(parts))
+        for alert in (step.get("details") or {}).get("alerts") or ():
+            print(f"    ALERT {alert}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -165,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="run id to use; an existing run id resumes that run")
     p.add_argument("--ray-address", help="override the spec's ray.address (local, auto, ray://..., http://...)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("nightly", help="run one night of a kind: nightly spec (incremental re-scoring)")
+    p.add_argument("spec")
+    p.add_argument("--date", help="the day to score, YYYY-MM-DD (default: from the spec's schedule)")
+    p.add_argument("--run-id", help="run id to use (default: <name>-<date>-<spec fingerprint>)")
+    p.add_argument("--ray-address", help="override the spec's ray.address (local, auto, ray://...)")
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("query", help="SQL over a nightly spec's scores table (DuckDB; the table is `scores`)")
+    p.add_argument("spec")
+    p.add_argument("sql", help="e.g. \"select image_id, score from scores where day = current_date - 1 "
+                               "and label_pred\"")
+    p.add_argument("--format", choices=("table", "csv"), default="table")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API)")
     p.add_argument("spec")

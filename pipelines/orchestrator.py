@@ -119,7 +119,7 @@ def already_published(step: StepSpec, context: StepContext, previous: dict[str, 
     if previous.get("state") not in ("succeeded", "skipped") or previous.get("fingerprint") != context.fingerprint:
         return False
     record = STAGE_KINDS[step.kind].published_record(step, context)
-    if not record.exists():
+    if record is None or not record.exists():
         return False
     return record.read_json().get("lineage", {}).get("step_fingerprint") == context.fingerprint
 

@@ -131,6 +131,7 @@ class Lease:
         self.location = folder.join(LEASE_NAME)
         self.owner = {**this_process(), "token": secrets.token_hex(8)}
         self.lost = False
+        self.run_id: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,26 +141,32 @@ class Lease:
 
     def _write(self) -> None:
         now_s = time.time()
-        self.location.write_json({"owner": self.owner, "renewed_at": now_s, "expires_at": now_s + lease_seconds()})
+        self.location.write_json({"owner": self.owner, "run_id": self.run_id, "renewed_at": now_s,
+                                  "expires_at": now_s + lease_seconds()})
 
-    def acquire(self, run_id: str) -> dict[str, Any] | None:
-        """Take the lease, or raise RunInUse. Returns the previous, dead lease if one was taken over."""
+    def acquire(self, run_id: str, what: str | None = None) -> dict[str, Any] | None:
+        """Take the lease, or raise RunInUse. Returns the previous, dead lease if one was taken over.
+        `what` names the thing held in the refusal (default: the run)."""
+        self.run_id = run_id
         previous = read_lease(self.folder)
         if previous is not None and lease_is_live(previous):
-            raise RunInUse(self._busy_message(run_id, previous))
+            raise RunInUse(self._busy_message(run_id, previous, what))
         self._write()
         time.sleep(self.SETTLE_SECONDS)
         current = read_lease(self.folder)
         if not current or current.get("owner", {}).get("token") != self.owner["token"]:
-            raise RunInUse(self._busy_message(run_id, current or {}))
+            raise RunInUse(self._busy_message(run_id, current or {}, what))
         self._thread = threading.Thread(target=self._heartbeat, name=f"adpipe-lease-{run_id}", daemon=True)
         self._thread.start()
         return previous
 
     @staticmethod
-    def _busy_message(run_id: str, lease: dict[str, Any]) -> str:
+    def _busy_message(run_id: str, lease: dict[str, Any], what: str | None = None) -> str:
         owner = lease.get("owner", {})
         left = max(0.0, float(lease.get("expires_at", 0)) - time.time())
+        if what is not None:
+            return (f"{what} is held by pid {owner.get('pid')} on {owner.get('host')} (run "
+                    f"{lease.get('run_id', '?')!r}; its lease would expire in {left:.0f} s): wait for it to end")
         return (f"run {run_id!r} is being run by pid {owner.get('pid')} on {owner.get('host')} (its lease, "
                 f"renewed while it runs, would expire in {left:.0f} s): wait for it to end, or use another run id")
 

@@ -78,7 +78,8 @@ class JobSpec:
 COMMON_KEYS = ("kind", "name", "description", "storage", "ray")
 # Keys adpipe once took and no longer does, with why: refused with that reason, not "unknown key".
 RETIRED_KEYS = {
-    "schedule": "not supported: adpipe has no scheduler yet; run 'adpipe run' from cron or a Kubernetes CronJob",
+    "schedule": "only a nightly job has a schedule (kind: nightly, see jobs/nightly.yaml); run other jobs from cron "
+                "or a Kubernetes CronJob",
 }
 
 
@@ -115,8 +116,11 @@ def _check_keys_first(data: Mapping[Any, Any], fixed: list[str], kinds: list[str
 
 
 def _refuse_retired_keys(data: Mapping[Any, Any], path: str) -> None:
+    """Refuse a retired key, unless the mapping's kind takes a parameter of that name."""
+    kind = data.get("kind")
+    own = _param_keys(kind) if isinstance(kind, str) and kind in STAGE_PARAMS else None
     for key, reason in RETIRED_KEYS.items():
-        if key in data:
+        if key in data and key not in (own or ()):
             raise SpecError(key_path(key, path), reason)
 
 

@@ -56,4 +56,9 @@ SCORES_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("run_id", pa.string()),
     ("scored_at", pa.timestamp("s", tz="UTC")),
+    # Lineage: the image (copied from the images table) and the spec that made the row
+    # (runs/<run_id>/spec.yaml holds it; the fingerprint tells specs apart without reading them).
+    ("source_uri", pa.string()),
+    ("partition", pa.string()),
+    ("spec_fingerprint", pa.string()),
 ])

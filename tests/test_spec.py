@@ -247,7 +247,8 @@ PADIM_JOB = shipped("train-padim")
 DDPM_JOB = shipped("train-ddpm")
 DDPM_SMALL = shipped("train-ddpm-small")  # steps: 0 ingest, 1 train (ddpm), 2 sample
 SYNTH_JOB = shipped("synthesize-anomalies")
-SCORE_JOB = shipped("score-nightly")
+SCORE_JOB = shipped("score-archive")
+NIGHTLY_JOB = shipped("nightly")
 EVALUATE_JOB = shipped("evaluate")
 
 BAD_SPECS = [
@@ -433,12 +434,21 @@ BAD_SPECS = [
                  "set once for the whole pipeline, at the top level", id="storage-in-step"),
     pytest.param(with_changes(PIPELINE, "steps.0.ray", {"address": "auto"}), "steps[0].ray",
                  "set once for the whole pipeline", id="ray-in-step"),
-    # schedule: adpipe has no scheduler (cron or a Kubernetes CronJob runs `adpipe run`)
-    pytest.param(with_changes(INGEST, "schedule", "0 2 * * *"), "schedule", "not supported: adpipe has no "
-                 "scheduler yet; run 'adpipe run' from cron or a Kubernetes CronJob", id="schedule"),
-    pytest.param(with_changes(PIPELINE, "schedule", "0 2 * * *"), "schedule", "not supported", id="schedule-pipeline"),
-    pytest.param(with_changes(PIPELINE, "steps.0.schedule", "0 2 * * *"), "steps[0].schedule", "not supported",
+    # schedule: only a nightly job has one (the platform's CronJob does the timing)
+    pytest.param(with_changes(INGEST, "schedule", "0 2 * * *"), "schedule", "only a nightly job has a schedule "
+                 "(kind: nightly, see jobs/nightly.yaml)", id="schedule"),
+    pytest.param(with_changes(PIPELINE, "schedule", "0 2 * * *"), "schedule", "only a nightly job",
+                 id="schedule-pipeline"),
+    pytest.param(with_changes(PIPELINE, "steps.0.schedule", "0 2 * * *"), "steps[0].schedule", "only a nightly job",
                  id="schedule-in-step"),
+    pytest.param(with_changes(NIGHTLY_JOB, "schedule", "61 2 * * *"), "schedule", "is not a cron expression",
+                 id="nightly-bad-cron"),
+    pytest.param(with_changes(NIGHTLY_JOB, "retention_days", 0), "retention_days", "must be > 0",
+                 id="nightly-retention-zero"),
+    pytest.param(with_changes(NIGHTLY_JOB, "table.identifier", "scores"), "table.identifier",
+                 "expected namespace.table", id="nightly-identifier"),
+    pytest.param(with_changes(NIGHTLY_JOB, "archive.name", "../x"), "archive.name", "not a valid name",
+                 id="nightly-archive-name"),
     # numbers: finite, of a sane magnitude, and no negative counts or seeds
     pytest.param(with_changes(INGEST, "resources", {"cpus_per_worker": float("inf")}), "resources.cpus_per_worker",
                  "inf is not allowed: numbers in a job spec must be finite", id="cpus-inf"),
@@ -897,8 +907,8 @@ def test_cli_refuses_an_empty_or_bad_run_id_before_anything_runs(argv, capsys):
     (lambda text: text.replace("kind: pipeline", "knd: pipeline"),
      "adpipe: error: knd: unknown key 'knd'; did you mean 'kind'?"),
     (lambda text: text + 'schedule: "0 2 * * *"\n',
-     "adpipe: error: schedule: not supported: adpipe has no scheduler yet; run 'adpipe run' from cron or a "
-     "Kubernetes CronJob\n"),
+     "adpipe: error: schedule: only a nightly job has a schedule (kind: nightly, see jobs/nightly.yaml); run other "
+     "jobs from cron or a Kubernetes CronJob\n"),
     (lambda text: text.replace("      split_seed: 0\n", "      split_seed: 0\n      split_seed: 1\n"),
      "adpipe: error: {path} line 23, column 7: duplicate key 'split_seed' (first at line 22); give each key once"),
     (lambda text: text.replace("kept_channels: 100", "kept_channels: 177"),

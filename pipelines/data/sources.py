@@ -115,6 +115,23 @@ def list_folder(root: Location, category: str | None, split: str) -> list[Source
     return items
 
 
+def list_day_partition(archive: Location, day: str, category: str | None) -> tuple[list[SourceItem], str]:
+    """The files of one day partition, `archive/date=<day>/...` (any depth below it), as unlabelled
+    test items whose image_id is relative to the archive root (unique across days), and a
+    fingerprint of the listing (names and sizes): a partition whose files changed is ingested again.
+    No files (or no such prefix): no items."""
+    partition = f"date={day}"
+    listed = archive.join(partition).list_file_sizes(recursive=True)
+    items = []
+    for location, _ in listed:
+        rel = _relative(archive, location)
+        hive = "/".join(seg for seg in rel.split("/")[:-1] if HIVE_SEGMENT.match(seg))
+        items.append(SourceItem(image_id=rel, location=location, category=category, split="test", label=None,
+                                partition=hive or partition))
+    digest = hashlib.sha256("\n".join(f"{_relative(archive, loc)}\t{size}" for loc, size in listed).encode())
+    return items, digest.hexdigest()[:16]
+
+
 def elpv_package_root() -> Location:
     try:
         folder = resources.files("elpv_dataset") / "data"

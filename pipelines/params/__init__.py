@@ -22,7 +22,7 @@ Adding a kind `foo`:
 
 from __future__ import annotations
 
-from pipelines.params import describe, evaluate, ingest, sample, score, synthesize, train
+from pipelines.params import describe, evaluate, ingest, nightly, sample, score, synthesize, train
 
 STAGE_PARAMS: dict[str, type] = {
     "ingest": ingest.IngestParams,
@@ -32,6 +32,7 @@ STAGE_PARAMS: dict[str, type] = {
     "synthesize": synthesize.SynthesizeParams,
     "score": score.ScoreParams,
     "evaluate": evaluate.EvaluateParams,
+    "nightly": nightly.NightlyParams,
 }
 
 __all__ = ["STAGE_PARAMS"]

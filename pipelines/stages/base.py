@@ -68,5 +68,6 @@ class StageKind:
     params: type  # pipelines.params.STAGE_PARAMS[name] (the registry checks)
     run: Callable[[StepSpec, StepContext], StepResult]
     # Where the step's published output records its fingerprint (a manifest or summary JSON);
-    # the orchestrator skips a step whose output there carries the same fingerprint.
-    published_record: Callable[[StepSpec, StepContext], Location]
+    # the orchestrator skips a step whose output there carries the same fingerprint. None: never
+    # skipped (the stage itself finds out what is left to do: `nightly`).
+    published_record: Callable[[StepSpec, StepContext], Location | None]

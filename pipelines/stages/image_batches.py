@@ -22,7 +22,8 @@ from pipelines.data.images import ImageDecodeError
 from pipelines.data.preprocess import decode_mask, decode_rgb
 from pipelines.storage import Location
 
-ROW_COLUMNS = ["image_id", "category", "split", "label", "defect_type"]
+# The small per-row columns that travel with the pixels (source_uri and partition: lineage of scores).
+ROW_COLUMNS = ["image_id", "category", "split", "label", "defect_type", "source_uri", "partition"]
 DECODE_CPUS = 0.5  # logical CPUs per decode task: decoding one part is light, two run per core
 
 
@@ -115,6 +116,7 @@ def decode_parts(task: dict[str, np.ndarray], *, locations: dict[int, Location],
         "split": np.asarray(out["split"], object),
         "label": np.asarray([-1 if v is None else v for v in out["label"]], np.int8),  # -1: unknown
         "defect_type": np.asarray(out["defect_type"], object),
+        "source_uri": np.asarray(out["source_uri"], object), "partition": np.asarray(out["partition"], object),
         "pixels": np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, size, size, 3), np.uint8),
         "error": np.asarray(out["error"], object),
         **({"mask": np.stack(out["mask"]) if out["mask"] else np.zeros((0, size, size), bool),

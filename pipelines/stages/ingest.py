@@ -9,7 +9,7 @@ counted in the manifest and the run status. The manifest is written last.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ from pipelines.data.sources import SourceItem, list_elpv, list_folder, list_mvte
 from pipelines.errors import InputError
 from pipelines.params.ingest import ELPVSource, FolderSource, IngestParams, MVTecSource, SkimageSource
 from pipelines.spec import StepSpec
+from pipelines.spec_fields import ResourcesSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
 from pipelines.storage import Location, S3Settings, filesystem_for
 from pipelines.tables import IMAGES_SCHEMA, REJECTED_SCHEMA
@@ -65,18 +66,80 @@ def _item_from_json(data: dict[str, Any], settings: S3Settings) -> SourceItem:
     )
 
 
-def _ingest_part(task: dict[str, Any], *, folder: Location, source_settings: S3Settings,
+def _ingest_part(task: dict[str, Any], *, folders: dict[int, Location], source_settings: S3Settings,
                  max_pixels: int) -> dict[str, Any]:
-    index, fingerprint = int(task["index"]), task["fingerprint"]
+    folder, index, fingerprint = folders[int(task["dataset"])], int(task["index"]), task["fingerprint"]
     done = datasets.completed_part(folder, index, fingerprint)
     if done is not None:
-        return {"index": index, "record": json.dumps(done.__dict__), "skipped": True}
+        return {**task, "items": "", "record": json.dumps(done.__dict__), "skipped": True}
     items = [_item_from_json(d, source_settings) for d in json.loads(task["items"])]
     built = build_image_rows(items, max_pixels)
     rejected = built.rejected.to_pylist()
     record = datasets.write_part(folder, index, built.images, fingerprint,
                                  extra={"rejected": rejected, "missing_masks": built.missing_masks})
-    return {"index": index, "record": json.dumps(record.__dict__), "skipped": False}
+    return {**task, "items": "", "record": json.dumps(record.__dict__), "skipped": False}
+
+
+@dataclass
+class IngestedParts:
+    records: list[datasets.PartRecord]  # in part order; extra["rejected"] holds the rejected rows
+    skipped: int  # parts an earlier attempt had written from the same items
+
+
+def write_image_parts(batches: list[tuple[Location, list[SourceItem]]], part_rows: int, max_pixels: int,
+                      resources: ResourcesSpec) -> list[IngestedParts]:
+    """Cut each (folder, items) into parts of `part_rows` and write them, one Ray task per part
+    over all the folders at once; parts an earlier attempt wrote from the same items are kept."""
+    tasks = []
+    for dataset, (_, items) in enumerate(batches):
+        for index, start in enumerate(range(0, len(items), part_rows)):
+            chunk = [_item_to_json(item) for item in items[start:start + part_rows]]
+            tasks.append({"dataset": dataset, "index": index, "items": json.dumps(chunk),
+                          "fingerprint": datasets.fingerprint([chunk, max_pixels])})
+    if not tasks:
+        return [IngestedParts([], 0) for _ in batches]
+    settings = next(items[0].location.settings for _, items in batches if items)
+    results = (
+        ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        .map(_ingest_part,  # type: ignore[arg-type]  # Ray types `fn` as fn(row), leaving out fn_kwargs
+             fn_kwargs={"folders": {i: folder for i, (folder, _) in enumerate(batches)},
+                        "source_settings": settings, "max_pixels": max_pixels},
+             num_cpus=resources.cpus_per_worker,
+             compute=ray.data.TaskPoolStrategy(size=resources.workers))
+        .take_all()
+    )
+    if len(results) != len(tasks):
+        raise RuntimeError(f"ingest wrote {len(results)} parts for {len(tasks)} inputs")
+    out = []
+    for dataset in range(len(batches)):
+        mine = sorted((r for r in results if int(r["dataset"]) == dataset), key=lambda r: int(r["index"]))
+        out.append(IngestedParts([datasets.PartRecord(**json.loads(r["record"])) for r in mine],
+                                 sum(1 for r in mine if r["skipped"])))
+    return out
+
+
+@dataclass
+class PublishedImages:
+    manifest: datasets.Manifest
+    rejected: list[dict[str, Any]]
+    missing_masks: int
+
+
+def publish_images(folder: Location, parts: IngestedParts, *, name: str, lineage: dict[str, Any],
+                   extra: dict[str, Any]) -> PublishedImages:
+    """Write rejected.parquet, then the manifest (last) of an images dataset."""
+    rejected = [row for r in parts.records for row in r.extra["rejected"]]
+    missing_masks = sum(r.extra["missing_masks"] for r in parts.records)
+    with folder.join(REJECTED_NAME).open_atomic_output() as stream:
+        pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), stream)
+    # The manifest keeps per-part counts; the rejected rows themselves live in rejected.parquet.
+    records = [replace(r, extra={**r.extra, "rejected": len(r.extra["rejected"])}) for r in parts.records]
+    manifest = datasets.publish(
+        folder, name=name, version=folder.name, table="images", schema=IMAGES_SCHEMA, parts=records,
+        lineage=lineage,
+        extra={"rejected": {"path": REJECTED_NAME, "rows": len(rejected)}, "missing_masks": missing_masks, **extra},
+    )
+    return PublishedImages(manifest, rejected, missing_masks)
 
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
@@ -85,41 +148,17 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
     if not items:
         raise InputError(f"the {params.source.type} source has no images")
     folder = context.dataset_folder(params.outputs)
-    size = params.outputs.part_rows
-    tasks = []
-    for index, start in enumerate(range(0, len(items), size)):
-        chunk = [_item_to_json(item) for item in items[start:start + size]]
-        tasks.append({"index": index, "items": json.dumps(chunk),
-                      "fingerprint": datasets.fingerprint([chunk, params.max_image_pixels])})
-    context.log("ingest listed source", files=len(items), parts=len(tasks), output=folder.uri)
-
-    results = (
-        ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        .map(_ingest_part,  # type: ignore[arg-type]  # Ray types `fn` as fn(row), leaving out fn_kwargs
-             fn_kwargs={"folder": folder, "source_settings": items[0].location.settings,
-                        "max_pixels": params.max_image_pixels},
-             num_cpus=params.resources.cpus_per_worker,
-             compute=ray.data.TaskPoolStrategy(size=params.resources.workers))
-        .take_all()
-    )
-    records = [datasets.PartRecord(**json.loads(r["record"])) for r in sorted(results, key=lambda r: r["index"])]
-    if len(records) != len(tasks):
-        raise RuntimeError(f"ingest wrote {len(records)} parts for {len(tasks)} inputs")
-    rejected = [row for r in records for row in r.extra["rejected"]]
-    missing_masks = sum(r.extra["missing_masks"] for r in records)
-    with folder.join(REJECTED_NAME).open_atomic_output() as stream:
-        pq.write_table(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), stream)
-    # The manifest keeps per-part counts; the rejected rows themselves live in rejected.parquet.
-    records = [replace(r, extra={**r.extra, "rejected": len(r.extra["rejected"])}) for r in records]
-    manifest = datasets.publish(
-        folder, name=params.outputs.dataset, version=folder.name, table="images", schema=IMAGES_SCHEMA,
-        parts=records,
+    context.log("ingest listed source", files=len(items), output=folder.uri)
+    [parts] = write_image_parts([(folder, items)], params.outputs.part_rows, params.max_image_pixels,
+                                params.resources)
+    published = publish_images(
+        folder, parts, name=params.outputs.dataset,
         lineage=context.lineage(source={"type": params.source.type,
                                         "uri": getattr(params.source, "uri", None) or items[0].location.parent().uri}),
-        extra={"rejected": {"path": REJECTED_NAME, "rows": len(rejected)}, "missing_masks": missing_masks,
-               "source_files": len(items)},
-    )
-    skipped = sum(1 for r in results if r["skipped"])
+        extra={"source_files": len(items)})
+    manifest, rejected, missing_masks = published.manifest, published.rejected, published.missing_masks
+    skipped = parts.skipped
+    records = parts.records
     summary = [f"ingested {manifest.rows} images from {len(items)} files into {folder.uri} "
                f"({len(records)} parts{f', {skipped} already done' if skipped else ''})"]
     if rejected:

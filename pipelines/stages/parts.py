@@ -33,9 +33,15 @@ from pipelines.storage import Location
 
 @dataclass(frozen=True)
 class PartPlan:
-    part: int  # input part index = output part index
+    part: int  # input part index (`_part` in the stream) = output part index, unless `output` says
     fingerprint: str  # of everything the output part depends on
     rows: int  # output rows the part will hold
+    # Several output datasets in one pass (the nightly job: one per day): this plan's folder and
+    # part index there. Default: the run's folder, index `part`.
+    output: tuple[Location, int] | None = None
+
+    def target(self, folder: Location) -> tuple[Location, int]:
+        return self.output or (folder, self.part)
 
 
 @dataclass
@@ -65,12 +71,13 @@ def run_parts(folder: Location, plans: list[PartPlan], schema: pa.Schema,
     records: dict[int, datasets.PartRecord] = {}
     reused = 0
     for plan in plans:
-        done = datasets.completed_part(folder, plan.part, plan.fingerprint)
+        target, index = plan.target(folder)
+        done = datasets.completed_part(target, index, plan.fingerprint)
         if done is not None:
             records[plan.part] = done
             reused += bool(plan.rows)
         elif not plan.rows:
-            records[plan.part] = datasets.write_part(folder, plan.part, schema.empty_table(), plan.fingerprint)
+            records[plan.part] = datasets.write_part(target, index, schema.empty_table(), plan.fingerprint)
     todo = [plan for plan in plans if plan.part not in records]
     rows_computed = 0
     if todo:
@@ -80,18 +87,17 @@ def run_parts(folder: Location, plans: list[PartPlan], schema: pa.Schema,
             num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker or None,
             compute=ray.data.ActorPoolStrategy(size=resources.workers))
         stream = cap_queued_rows(stream, workers.queue_bytes)
-        written = write_parts_as_completed(stream, {p.part: p.rows for p in todo}, build_table, folder,
-                                           {p.part: p.fingerprint for p in todo})
+        written = write_parts_as_completed(stream, {p.part: p for p in todo}, build_table, folder)
         records.update(written)
         rows_computed = sum(r.rows for r in written.values())
     return PartsOutcome([records[plan.part] for plan in plans], reused, [p.part for p in todo], rows_computed)
 
 
-def write_parts_as_completed(stream: ray.data.Dataset, expected: dict[int, int],
-                             build_table: Callable[[list[dict[str, Any]]], pa.Table], folder: Location,
-                             fingerprints: dict[int, str]) -> dict[int, datasets.PartRecord]:
+def write_parts_as_completed(stream: ray.data.Dataset, plans: dict[int, PartPlan],
+                             build_table: Callable[[list[dict[str, Any]]], pa.Table],
+                             folder: Location) -> dict[int, datasets.PartRecord]:
     """Collect a stream's rows by their input part (`_part`) and write output part N as soon as
-    all `expected[N]` rows of input part N have arrived: deterministic names, one part per input
+    all `plans[N].rows` rows of input part N have arrived: deterministic names, one part per input
     part, memory bounded by the parts in flight. Returns the records of the parts written."""
     records: dict[int, datasets.PartRecord] = {}
     pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -99,8 +105,10 @@ def write_parts_as_completed(stream: ray.data.Dataset, expected: dict[int, int],
         for i in range(len(batch["_part"])):
             part = int(batch["_part"][i])
             pending[part].append({k: v[i] for k, v in batch.items()})
-            if len(pending[part]) == expected[part]:
-                records[part] = datasets.write_part(folder, part, build_table(pending.pop(part)), fingerprints[part])
+            if len(pending[part]) == plans[part].rows:
+                target, index = plans[part].target(folder)
+                records[part] = datasets.write_part(target, index, build_table(pending.pop(part)),
+                                                    plans[part].fingerprint)
     if pending:
         raise RuntimeError(f"the stream ended with incomplete parts {sorted(pending)}")
     return records

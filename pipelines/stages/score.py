@@ -82,12 +82,20 @@ class Scorer:
                     maps[index], lows[index], highs[index] = encode_map(member_maps[position])
         return {"_part": batch["_part"], "_row": batch["_row"], "_seq": batch["_seq"], "image_id": batch["image_id"],
                 "category": batch["category"], "split": batch["split"], "label": batch["label"],
-                "defect_type": batch["defect_type"], "score": scores, "threshold": thresholds,
+                "defect_type": batch["defect_type"], "source_uri": batch["source_uri"],
+                "partition": batch["partition"], "score": scores, "threshold": thresholds,
                 "anomaly_map": np.array(maps, object), "anomaly_map_min": lows, "anomaly_map_max": highs,
                 "error": errors}
 
 
-def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored_at: datetime.datetime) -> pa.Table:
+def _text_or_null(value: Any) -> str | None:
+    # A column of only nulls comes back from Ray's batches as float NaN: text or null.
+    return value if isinstance(value, str) and value else None
+
+
+def scores_part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored_at: datetime.datetime,
+                      spec_fingerprint: str) -> pa.Table:
+    """One scores part from a scorer's output rows (any order) for one input part."""
     rows = sorted(rows, key=lambda r: r["_row"])
 
     columns = {
@@ -95,9 +103,7 @@ def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored
         "category": [r["category"] for r in rows],
         "split": [r["split"] for r in rows],
         "label": [None if r["label"] < 0 else int(r["label"]) for r in rows],
-        # A column of only nulls comes back from Ray's batches as float NaN: text or null.
-        "defect_type": [r["defect_type"] if isinstance(r["defect_type"], str) and r["defect_type"] else None
-                        for r in rows],
+        "defect_type": [_text_or_null(r["defect_type"]) for r in rows],
         "model": [model_name] * len(rows),
         "score": [null_if_nan(r["score"]) for r in rows],
         "label_pred": [None if r["error"] else bool(r["score"] >= r["threshold"]) for r in rows],
@@ -108,6 +114,9 @@ def _part_table(rows: list[dict[str, Any]], model_name: str, run_id: str, scored
         "error": [r["error"] or None for r in rows],
         "run_id": [run_id] * len(rows),
         "scored_at": [scored_at] * len(rows),
+        "source_uri": [_text_or_null(r["source_uri"]) for r in rows],
+        "partition": [_text_or_null(r["partition"]) for r in rows],
+        "spec_fingerprint": [spec_fingerprint] * len(rows),
     }
     return pa.Table.from_pydict(columns, schema=SCORES_SCHEMA)
 
@@ -157,9 +166,10 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                                  "batch_size": resources.batch_size, "anomaly_maps": params.outputs.anomaly_maps,
                                  "threads": int(resources.cpus_per_worker), "references": references},
                         resources, resources.batch_size, decoded_queue_bytes(selections, card.image_size)),
-        build_table=lambda rows: _part_table(rows, model_name, context.run_id, scored_at))
+        build_table=lambda rows: scores_part_table(rows, model_name, context.run_id, scored_at,
+                                                   context.record.status["spec_fingerprint"]))
 
-    error_rows, predicted = _count_outcomes(folder, outcome.records)
+    error_rows, predicted = count_outcomes(folder, outcome.records)
     seconds = time.monotonic() - started
     scored = outcome.rows_computed
     published = datasets.publish(
@@ -188,7 +198,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                       summary=tuple(lines))
 
 
-def _count_outcomes(folder: Location, records: list[datasets.PartRecord]) -> tuple[list[tuple[str, str]], int]:
+def count_outcomes(folder: Location, records: list[datasets.PartRecord]) -> tuple[list[tuple[str, str]], int]:
     import pyarrow.parquet as pq
 
     error_rows, predicted = [], 0

@@ -1,0 +1,312 @@
+"""The nightly job on the real stack: a day-partitioned archive on the local S3 server, PaDiM on
+real Ray, the Iceberg table in a SQLite catalog. Which partitions each night ingests, scores and
+loads; reruns that change nothing; a model rollout that rescores the retention window; drift
+alarms; one night at a time per archive; a killed driver finished by the rerun; no secret leaks."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from imagefiles import encode, publish_archive
+from pipelines import cli
+from pipelines.errors import InputError, SpecError
+from pipelines.evaluation.drift import population_stability_index
+from pipelines.orchestrator import run_job, spec_fingerprint
+from pipelines.params.nightly import NightlyParams
+from pipelines.runs import Lease, RunInUse
+from pipelines.spec import load_spec, parse_spec
+from pipelines.stages import scores_table
+from pipelines.storage import Location
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+PADIM = {"backbone": "efficientnet_lite0", "stages": [1, 2], "kept_channels": 16, "image_size": 64, "seed": 0}
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def texture(seed: int, shift: float = 0.0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.indices((72, 72)).sum(0) % 8 * 16 + rng.normal(0, 4, (72, 72))
+    if shift:  # a night whose camera went wrong: noisy and washed out
+        base = base * (1 - shift) + 255 * shift + rng.normal(0, 60 * shift, base.shape)
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8), "L")
+
+
+@pytest.fixture(scope="module")
+def models(ray_session, tmp_path_factory):
+    """Two versions of one PaDiM model (a rollout), trained on textures of category "tex"."""
+    root = f"file://{tmp_path_factory.mktemp('nightly-models')}"
+    train = [(f"train/{i}.png", encode(texture(i)), "tex", "train", 0) for i in range(24)]
+    images = publish_archive(Location.parse(root).join("datasets", "tex", "1"), [train[:12], train[12:]])
+    uris = []
+    for version in ("1", "2"):
+        spec = parse_spec({"kind": "train", "name": f"fit-{version}", "storage": {"root": root}, "method": "padim",
+                           "inputs": {"dataset": images.uri}, "outputs": {"model": "padim-tex", "version": version},
+                           "padim": {**PADIM, "seed": int(version)}, "threshold": {"holdout_fraction": 0.25},
+                           "resources": {"workers": 1, "batch_size": 8}})
+        uris.append(run_job(spec, echo=quiet).results[f"fit-{version}"].output)
+    return uris
+
+
+def add_partition(archive: Location, day: str, count: int, seed: int, shift: float = 0.0) -> None:
+    for i in range(count):
+        archive.join(f"date={day}", "cam-1", f"{i:03d}.png").write_bytes(encode(texture(seed * 1000 + i, shift)))
+
+
+def nightly_spec(root: str, archive: Location, model: str, catalog: Path, **extra) -> dict:
+    return {"kind": "nightly", "name": "line-7", "storage": {"root": root},
+            "archive": {"uri": archive.uri, "name": "line-7", "category": "tex", "rows_per_part": 4},
+            "model": {"uri": model}, "retention_days": 3, "schedule": "0 2 * * *",
+            "table": {"catalog": {"uri": f"sqlite:///{catalog}"}},
+            "resources": {"workers": 1, "batch_size": 8}, **extra}
+
+
+def night(spec: dict, day: str):
+    """One night, with the run id `adpipe nightly` gives it (the same for every rerun of it)."""
+    parsed = parse_spec({**spec, "night": day})
+    return run_job(parsed, run_id=f"line-7-{day}-{spec_fingerprint(parsed)[:8]}", echo=quiet).results["line-7"]
+
+
+def table_counts(spec: dict, root: str) -> dict[tuple[str, str], int]:
+    params = parse_spec(spec).steps[0].params
+    properties = scores_table.catalog_properties(params.table.catalog, Location.parse(root))
+    rows = scores_table.open_table(params.table, properties).scan(selected_fields=("day", "model")).to_arrow()
+    counts = rows.group_by(["day", "model"]).aggregate([("day", "count")]).to_pylist()
+    return {(str(r["day"]), r["model"]): r["day_count"] for r in counts}
+
+
+def snapshot_ids(spec: dict, root: str) -> list[int]:
+    params = parse_spec(spec).steps[0].params
+    properties = scores_table.catalog_properties(params.table.catalog, Location.parse(root))
+    return [s.snapshot_id for s in scores_table.open_table(params.table, properties).snapshots()]
+
+
+def test_three_nights_a_rollout_and_reruns_that_change_nothing(models, s3_root, tmp_path):
+    v1, v2 = models
+    archive = Location.parse(s3_root).join("archive")
+    root = f"{s3_root}/store"
+    add_partition(archive, "2026-11-18", 3, seed=18)  # outside every window below: never touched
+    add_partition(archive, "2026-11-19", 6, seed=19)
+    add_partition(archive, "2026-11-20", 5, seed=20)
+    spec_v1 = nightly_spec(root, archive, v1, tmp_path / "catalog.db")
+    model_v1 = "padim-tex@1"
+
+    first = night(spec_v1, "2026-11-20")  # window 11-18 .. 11-20: all three new
+    assert first.details["partitions_scored"] == ["date=2026-11-18", "date=2026-11-19", "date=2026-11-20"]
+    assert table_counts(spec_v1, root) == {("2026-11-18", model_v1): 3, ("2026-11-19", model_v1): 6,
+                                           ("2026-11-20", model_v1): 5}
+    commits = snapshot_ids(spec_v1, root)
+
+    add_partition(archive, "2026-11-21", 4, seed=21)
+    second = night(spec_v1, "2026-11-21")  # window 11-19 .. 11-21: only the new day is work
+    assert second.details["partitions_ingested"] == ["date=2026-11-21"]
+    assert second.details["partitions_scored"] == ["date=2026-11-21"]
+    assert second.details["partitions_loaded"] == ["date=2026-11-21"]
+    assert table_counts(spec_v1, root)[("2026-11-21", model_v1)] == 4
+    after_second = snapshot_ids(spec_v1, root)
+    new = after_second[len(commits):]
+    assert new, "the night committed nothing"
+    # One commit per night: every new snapshot carries this night's run id (an overwrite is a delete
+    # and an append snapshot of one atomic catalog commit).
+    params = parse_spec(spec_v1).steps[0].params
+    properties = scores_table.catalog_properties(params.table.catalog, Location.parse(root))
+    table = scores_table.open_table(params.table, properties)
+    assert {table.snapshot_by_id(s).summary.additional_properties["adpipe.night"] for s in new} == {"2026-11-21"}
+
+    # Rollout on the third night: v2 rescores the whole window 11-20 .. 11-22, v1's rows stay.
+    add_partition(archive, "2026-11-22", 2, seed=22)
+    spec_v2 = nightly_spec(root, archive, v2, tmp_path / "catalog.db")
+    third = night(spec_v2, "2026-11-22")
+    assert third.details["partitions_scored"] == ["date=2026-11-20", "date=2026-11-21", "date=2026-11-22"]
+    assert third.details["partitions_ingested"] == ["date=2026-11-22"]
+    assert table_counts(spec_v2, root) == {
+        ("2026-11-18", model_v1): 3, ("2026-11-19", model_v1): 6, ("2026-11-20", model_v1): 5,
+        ("2026-11-21", model_v1): 4,
+        ("2026-11-20", "padim-tex@2"): 5, ("2026-11-21", "padim-tex@2"): 4, ("2026-11-22", "padim-tex@2"): 2}
+
+    # Lineage on every row: the image, the partition, the model, the run and the spec.
+    rows = scores_table.open_table(params.table, properties).scan(
+        row_filter="model == 'padim-tex@2'").to_arrow()
+    assert rows.num_rows == 11 and rows["error"].null_count == 11
+    for row in rows.to_pylist():
+        assert row["source_uri"] == f"{archive.uri}/{row['image_id']}"
+        assert row["partition"] == f"date={row['day'].isoformat()}" and row["image_id"].startswith(row["partition"])
+        assert row["run_id"] and row["spec_fingerprint"] and row["scored_at"] and row["archive"] == "line-7"
+        assert row["scores_uri"].startswith(f"{root}/scores/line-7/padim-tex@2/{row['day'].isoformat()}/part-")
+
+    # Reruns of any night change nothing: no ingest, no scoring, no commit.
+    before = snapshot_ids(spec_v2, root)
+    manifests = {p: Location.parse(f"{root}/scores/line-7/{p}/_manifest.json").read_bytes()
+                 for p in ("padim-tex@1/2026-11-21", "padim-tex@2/2026-11-22")}
+    for spec, day in ((spec_v2, "2026-11-22"), (spec_v1, "2026-11-21")):
+        again = night(spec, day)
+        assert (again.details["partitions_ingested"], again.details["partitions_scored"],
+                again.details["partitions_loaded"]) == ([], [], []), (day, again.details)
+    assert snapshot_ids(spec_v2, root) == before
+    assert {p: Location.parse(f"{root}/scores/line-7/{p}/_manifest.json").read_bytes() for p in manifests} \
+        == manifests
+
+    # A late file in a scored day: that day (only) is ingested, scored and loaded again, not duplicated.
+    archive.join("date=2026-11-22", "cam-2", "late.png").write_bytes(encode(texture(999)))
+    late = night(spec_v2, "2026-11-22")
+    assert late.details["partitions_scored"] == ["date=2026-11-22"] == late.details["partitions_loaded"]
+    assert table_counts(spec_v2, root)[("2026-11-22", "padim-tex@2")] == 3
+
+    # `adpipe query`: yesterday's anomalies above threshold, the README's recipe.
+    spec_file = tmp_path / "nightly.yaml"
+    spec_file.write_text(yaml.safe_dump({**spec_v2, "ray": {"address": "local"}}))
+    result = scores_table.query(params.table, properties,
+                                "select day, count(*) as images, count(*) filter (where label_pred) as flagged "
+                                "from scores where model = 'padim-tex@2' group by day order by day")
+    assert result.column("images").to_pylist() == [5, 4, 3]
+
+
+def test_a_shifted_night_raises_a_drift_alert_and_exit_3(models, file_root, tmp_path, capsys):
+    v1, _ = models
+    archive = Location.parse(file_root).join("archive")
+    for index, day in enumerate(("2026-10-01", "2026-10-02", "2026-10-03")):
+        add_partition(archive, day, 24, seed=100 + index)
+    spec = nightly_spec(file_root, archive, v1, tmp_path / "catalog.db",
+                        drift={"reference_nights": 2, "bins": 4, "max_psi": 1.0, "min_images": 10})
+    spec["retention_days"] = 5
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump({**spec, "ray": {"address": "local"}}))
+    assert cli.main(["nightly", str(path), "--date", "2026-10-03"]) == 0  # normal nights: no alert
+    report = json.loads(next((Path(file_root[7:]) / "runs").glob("line-7-2026-10-03-*/nightly-report.json"))
+                        .read_text())
+    [tex] = report["categories"]
+    assert tex["judged"] and tex["psi"] < 1.0 and report["alerts"] == []
+
+    add_partition(archive, "2026-10-04", 24, seed=104, shift=0.6)
+    assert cli.main(["nightly", str(path), "--date", "2026-10-04"]) == 3
+    err = capsys.readouterr().err
+    assert "alert(s)" in err and "tex: score distribution drifted" in err
+    [folder] = list((Path(file_root[7:]) / "runs").glob("line-7-2026-10-04-*"))
+    report = json.loads((folder / "nightly-report.json").read_text())
+    [tex] = report["categories"]
+    assert tex["psi"] > 1.0 and tex["reference_nights"] == ["date=2026-10-02", "date=2026-10-03"]
+    assert report["alerts"] and "PSI" in report["alerts"][0]
+    assert "tr class=\"alert\"" in (folder / "nightly-report.html").read_text()
+    metrics = (folder / "metrics.prom").read_text()
+    assert 'adpipe_nightly_alerts{archive="line-7",category="tex",model="padim-tex@1"} 1.0' in metrics
+    assert "adpipe_nightly_score_psi{" in metrics and "adpipe_nightly_images_per_second{" in metrics
+    assert cli.main(["status", folder.name, "--root", file_root]) == 0
+    assert "ALERT tex: score distribution drifted" in capsys.readouterr().out
+
+
+def test_one_night_at_a_time_per_archive(models, file_root, tmp_path):
+    v1, _ = models
+    archive = Location.parse(file_root).join("archive")
+    add_partition(archive, "2026-09-01", 2, seed=1)
+    spec = nightly_spec(file_root, archive, v1, tmp_path / "catalog.db")
+    other = Lease(Location.parse(file_root).join("nightly", "line-7"))
+    other.acquire("line-7-another-night")  # another night of the same archive is running
+    try:
+        with pytest.raises(RunInUse, match="archive 'line-7' .one night at a time. is held by pid"):
+            night(spec, "2026-09-01")
+    finally:
+        other.release()
+    assert not Location.parse(file_root).join("scores").exists(), "the refused night wrote scores"
+    assert night(spec, "2026-09-01").details["partitions_scored"] == ["date=2026-09-01"]
+
+
+def test_a_killed_night_is_finished_by_its_rerun_and_no_secret_leaks(models, s3_store, s3_root, tmp_path):
+    """kill -9 of the driver (and its embedded Ray) while it scores; the rerun of the same night
+    reuses the finished parts and ends with exactly one row per image. The S3 secret key, in the
+    environment of both processes, appears in no output, record, report or table metadata."""
+    v1, _ = models
+    archive = Location.parse(s3_root).join("archive")
+    root = f"{s3_root}/store"
+    for day in ("2026-08-01", "2026-08-02"):
+        add_partition(archive, day, 40, seed=int(day[-2:]))
+    spec = nightly_spec(root, archive, v1, tmp_path / "catalog.db")
+    spec["resources"]["batch_size"] = 2
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump({**spec, "ray": {"address": "local", "num_cpus": 2}}))
+    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "1"}
+    command = [sys.executable, "-m", "pipelines.cli", "nightly", str(path), "--date", "2026-08-02"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    records = Location.parse(f"{root}/scores/line-7/padim-tex@1/2026-08-01/_parts")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and len(records.list_files()) < 2:
+        time.sleep(0.1)
+    assert process.poll() is None, "the night ended before it could be killed:\n" + process.communicate()[0]
+    os.killpg(process.pid, signal.SIGKILL)
+    killed_output = process.communicate()[0]
+    assert not Location.parse(f"{root}/scores/line-7/padim-tex@1/2026-08-02/_manifest.json").exists()
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "parts from an earlier attempt" in rerun.stdout, rerun.stdout
+    assert table_counts(spec, root) == {("2026-08-01", "padim-tex@1"): 40, ("2026-08-02", "padim-tex@1"): 40}
+    params = parse_spec(spec).steps[0].params
+    properties = scores_table.catalog_properties(params.table.catalog, Location.parse(root))
+    ids = scores_table.open_table(params.table, properties).scan(selected_fields=("image_id",)).to_arrow()
+    assert len(set(ids["image_id"].to_pylist())) == 80
+
+    secret = s3_store.secret_key
+    assert secret and secret not in killed_output and secret not in rerun.stdout + rerun.stderr
+    [run_folder] = Location.parse(f"{root}/runs").list_dirs()
+    for location in run_folder.list_files():
+        assert secret.encode() not in location.read_bytes(), location.uri
+    assert secret.encode() not in (tmp_path / "catalog.db").read_bytes()
+
+
+# ---- no Ray ------------------------------------------------------------------------------------
+
+
+def test_nightly_spec_checks_and_the_night_from_the_schedule(tmp_path):
+    base = {"kind": "nightly", "name": "n", "storage": {"root": f"file://{tmp_path}"},
+            "archive": {"uri": f"file://{tmp_path}/a", "name": "line-7"}, "model": {"uri": f"file://{tmp_path}/m"}}
+    params: NightlyParams = parse_spec({**base, "schedule": "30 1 * * *"}).steps[0].params
+    at = datetime.datetime(2026, 12, 3, 1, 0, tzinfo=datetime.UTC)  # before tonight's 01:30: last night's run
+    assert params.night_date(at) == datetime.date(2026, 12, 1)
+    assert params.night_date(at.replace(hour=15)) == datetime.date(2026, 12, 2)
+    assert params.window(datetime.date(2026, 12, 2))[0] == datetime.date(2026, 11, 3)  # 30 days
+    with pytest.raises(SpecError, match="schedule: 'every night' is not a cron expression"):
+        parse_spec({**base, "schedule": "every night"})
+    with pytest.raises(SpecError, match="night: '2026-13-01' is not a date"):
+        parse_spec({**base, "night": "2026-13-01"})
+    with pytest.raises(SpecError, match="table.catalog.uri: credentials are not allowed"):
+        parse_spec({**base, "table": {"catalog": {"uri": "postgresql://adpipe:hunter2@db/iceberg"}}})
+    with pytest.raises(SpecError, match="schedule: only a nightly job has a schedule"):
+        parse_spec({"kind": "score", "name": "s", "storage": {"root": f"file://{tmp_path}"}, "schedule": "0 2 * * *",
+                    "inputs": {"dataset": f"file://{tmp_path}/d"}, "model": {"uri": f"file://{tmp_path}/m"}})
+    with pytest.raises(InputError, match="table.catalog.uri is needed"):
+        scores_table.catalog_properties(params.table.catalog, Location.parse("s3://bucket/root"))
+    assert load_spec(REPO / "jobs" / "nightly.yaml").kind == "nightly"
+
+
+def test_psi_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    reference, current = rng.normal(0, 1, 5000), rng.normal(0.5, 1, 4000)
+    # Independent: decile edges of the reference, shares by explicit comparisons.
+    edges = np.quantile(reference, np.arange(1, 10) / 10)
+    def shares(values):
+        bins = [np.sum(values <= edges[0])] + [np.sum((values > lo) & (values <= hi))
+                                              for lo, hi in zip(edges, edges[1:])] + [np.sum(values > edges[-1])]
+        return np.maximum(np.asarray(bins) / len(values), 1e-4)
+    expected = float(np.sum((shares(current) - shares(reference)) * np.log(shares(current) / shares(reference))))
+    assert population_stability_index(reference, current, 10) == pytest.approx(expected, rel=1e-12)
+    assert population_stability_index(reference, reference, 10) == pytest.approx(0.0, abs=1e-12)
+    # A known value: half of the mass moved from the lower to the upper half of 2 bins
+    # ((0.75 - 0.5) ln 1.5 + (0.25 - 0.5) ln 0.5).
+    ref = np.array([0.0] * 50 + [1.0] * 50)
+    cur = np.array([0.0] * 25 + [1.0] * 75)
+    assert population_stability_index(ref, cur, 2) == pytest.approx(0.25 * np.log(1.5) - 0.25 * np.log(0.5))
