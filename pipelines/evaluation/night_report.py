@@ -22,12 +22,13 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 def report_html(facts: dict[str, Any], categories: list[CategoryHealth], alerts: list[str]) -> str:
     header = ("category", "images", "errors", "error rate", "anomalous", "mean score", "p95",
-              "reference mean", "reference nights", "PSI", "KS", "KS p", "alerts")
+              "reference mean", "reference nights", "PSI", "PSI p", "KS", "KS p", "alerts")
     rows = []
     for c in categories:
         cells = [c.category, str(c.images), str(c.errors), f"{c.error_rate:.2%}", f"{c.anomalous_share:.2%}",
                  _number(c.score_mean), _number(c.score_p95), _number(c.reference_mean),
-                 str(len(c.reference_nights)), _number(c.psi, 3), _number(c.ks_statistic, 3),
+                 str(len(c.reference_nights)), _number(c.psi, 3),
+                 "n/a" if c.psi_pvalue is None else f"{c.psi_pvalue:.2g}", _number(c.ks_statistic, 3),
                  "n/a" if c.ks_pvalue is None else f"{c.ks_pvalue:.2g}",
                  "; ".join(c.alerts) or ("ok" if c.judged else "not judged (too few images)")]
         css = ' class="alert"' if c.alerts else ""

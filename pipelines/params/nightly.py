@@ -97,6 +97,9 @@ class DriftSpec:
     reference_nights: int = 7
     bins: int = 10  # PSI bins: quantiles of the reference scores
     max_psi: float | None = 0.25  # population stability index; > 0.25 is the usual "major shift"
+    # ... and only when sampling noise cannot explain it (p-value of PSI under no drift; see
+    # pipelines.evaluation.drift): a night of 40 images shows PSI 0.5 with no drift at all.
+    max_psi_pvalue: float = 0.01
     max_ks_statistic: float | None = None  # two-sample Kolmogorov-Smirnov distance
     max_error_rate: float | None = 0.05  # share of tonight's rows that could not be scored
     max_anomalous_share: float | None = None  # share predicted anomalous at the model's threshold
@@ -111,6 +114,8 @@ class DriftSpec:
             if value is not None:
                 check_positive(value, f"{path}.{name}", allow_zero=True)
         check_positive(self.min_images, f"{path}.min_images")
+        if not 0.0 < self.max_psi_pvalue <= 1.0:
+            raise SpecError(f"{path}.max_psi_pvalue", f"must be in (0, 1], got {self.max_psi_pvalue}")
         return self
 
 

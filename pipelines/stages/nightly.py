@@ -249,7 +249,7 @@ def _health(params: NightlyParams, night: datetime.date, days: list[DayPartition
     earlier = [by_day[d] for d in sorted(by_day) if d < night][-params.drift.reference_nights:]
     reference = [(p.name, datasets.read_table(p.scores, ["category", "score", "error"])) for p in earlier]
     drift = params.drift
-    limits = DriftLimits(drift.max_psi, drift.max_ks_statistic, drift.max_error_rate, drift.max_anomalous_share,
+    limits = DriftLimits(drift.max_psi, drift.max_psi_pvalue, drift.max_ks_statistic, drift.max_error_rate, drift.max_anomalous_share,
                          drift.min_images, drift.bins)
     out = []
     for category in sorted({c or "" for c in tonight["category"].to_pylist()}):
