@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import pipelines
-from pipelines.cli import build_parser, cmd_run
+from pipelines.cli import build_parser, cmd_nightly, cmd_run
 from pipelines.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,3 +334,84 @@ def test_dockerfile_installs_the_package_at_build_time_and_runs_offline():
                 env.update(word.split("=", 1) for word in words)
     assert env.get("HF_HUB_OFFLINE") == "1", f"HF_HUB_OFFLINE not 1: {env}"
     assert env.get("RAY_USAGE_STATS_ENABLED") == "0", f"RAY_USAGE_STATS_ENABLED not 0: {env}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The nightly schedule: infra/kuberay/nightly/ (CronJob -> RayJob from a template)
+
+NIGHTLY = KUBERAY / "nightly"
+
+
+def nightly_documents() -> dict[str, dict[str, Any]]:
+    documents = {}
+    for path in sorted(NIGHTLY.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is not None:
+                documents[f"{path.name}:{document['kind']}"] = document
+    return documents
+
+
+def test_nightly_kustomization_lists_files_that_exist_and_generates_the_template_the_cronjob_mounts():
+    docs = nightly_documents()
+    kustomization = docs["kustomization.yaml:Kustomization"]
+    for resource in kustomization["resources"]:
+        assert (NIGHTLY / resource).is_file(), resource
+    [generator] = kustomization["configMapGenerator"]
+    assert generator["files"] == ["rayjob-nightly.yaml"] and (NIGHTLY / "rayjob-nightly.yaml").is_file()
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # the CronJob names it as is
+    cron = docs["cronjob.yaml:CronJob"]["spec"]
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    [volume] = pod["volumes"]
+    assert volume["configMap"]["name"] == generator["name"]
+    [creator] = pod["containers"]
+    [mount] = creator["volumeMounts"]
+    assert mount["name"] == volume["name"]
+    # The pod creates a RayJob from the mounted template (kubectl create: generateName works).
+    assert creator["args"] == ["create", "-f", f"{mount['mountPath']}/rayjob-nightly.yaml"]
+    assert creator["image"].startswith("registry.k8s.io/kubectl:")
+
+
+def test_nightly_cronjob_schedule_is_the_specs_and_runs_one_night_at_a_time():
+    docs = nightly_documents()
+    cron = docs["cronjob.yaml:CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    job = docs["rayjob-nightly.yaml:RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    args = build_parser().parse_args(argv[1:])
+    assert args.func is cmd_nightly and args.ray_address == "auto" and args.date is None
+    spec = load_spec(REPO / args.spec)  # exists and validates
+    assert spec.kind == "nightly"
+    assert cron["spec"]["schedule"] == spec.steps[0].params.schedule
+    assert cron["spec"]["timeZone"] == "Etc/UTC"  # adpipe reads schedules in UTC
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert job["metadata"]["generateName"].endswith("-") and "name" not in job["metadata"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+    # The pod's service account may create RayJobs, and nothing more.
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    role, binding = docs["cronjob.yaml:Role"], docs["cronjob.yaml:RoleBinding"]
+    assert docs["cronjob.yaml:ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
+
+
+def test_nightly_rayjob_runs_this_image_with_secrets_from_secrets_only():
+    docs = nightly_documents()
+    job = docs["rayjob-nightly.yaml:RayJob"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    found = containers(cluster)
+    assert found and {c["image"] for c in found} == {IMAGE}
+    for container in found:
+        assert S3_SECRET in [s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s]
+        env = {entry["name"]: entry for entry in container.get("env", [])}
+        # The catalog URI holds the database password: from a Secret, never inline.
+        catalog = env["PYICEBERG_CATALOG__ADPIPE__URI"]
+        assert set(catalog) == {"name", "valueFrom"} and "secretKeyRef" in catalog["valueFrom"]
+    for name, document in docs.items():
+        assert credential_problems(document) == [], name
+    # A GPU worker group sized for the spec's scorers.
+    spec = load_spec(REPO / "jobs" / "nightly.yaml").steps[0].params
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if any(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in containers(g))]
+    assert gpu_groups and gpu_groups[0]["replicas"] * 1 >= spec.resources.workers * spec.resources.gpus_per_worker
