@@ -1,7 +1,8 @@
 """The nightly job on the real stack: a day-partitioned archive on the local S3 server, PaDiM on
 real Ray, the Iceberg table in a SQLite catalog. Which partitions each night ingests, scores and
 loads; reruns that change nothing; a model rollout that rescores the retention window; drift
-alarms; one night at a time per archive; a killed driver finished by the rerun; no secret leaks."""
+alarms; one night at a time per archive; a killed scorer, a killed driver and a store outage
+mid-night, finished by reruns with exact rows; no secret leaks."""
 
 from __future__ import annotations
 
@@ -225,47 +226,109 @@ def test_one_night_at_a_time_per_archive(models, file_root, tmp_path):
     assert night(spec, "2026-09-01").details["partitions_scored"] == ["date=2026-09-01"]
 
 
-def test_a_killed_night_is_finished_by_its_rerun_and_no_secret_leaks(models, s3_store, s3_root, tmp_path):
-    """kill -9 of the driver (and its embedded Ray) while it scores; the rerun of the same night
-    reuses the finished parts and ends with exactly one row per image. The S3 secret key, in the
-    environment of both processes, appears in no output, record, report or table metadata."""
+def _processes_named(root_pid: int, text: str) -> list:
+    import psutil
+
+    found = []
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if text in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_faults_mid_night_a_killed_scorer_a_killed_driver_a_store_outage_then_exact_rows(models, tmp_path):
+    """On a private S3 server, one night of 2 x 24 images: a scorer actor's process is killed
+    (Ray restarts it), then the driver with its embedded Ray (kill -9); the rerun is cut by the S3
+    server stopping (exit 1, naming the store); after a restart of the server, a rerun completes
+    with exactly one row per image, reusing the parts done before. The S3 secret keys, in every
+    process's environment, appear in no output, record, report or catalog."""
+    import pyarrow.fs as pafs
+
+    from pipelines import objectstore
+
     v1, _ = models
-    archive = Location.parse(s3_root).join("archive")
-    root = f"{s3_root}/store"
-    for day in ("2026-08-01", "2026-08-02"):
-        add_partition(archive, day, 40, seed=int(day[-2:]))
-    spec = nightly_spec(root, archive, v1, tmp_path / "catalog.db")
-    spec["resources"]["batch_size"] = 2
-    path = tmp_path / "nightly.yaml"
-    path.write_text(yaml.safe_dump({**spec, "ray": {"address": "local", "num_cpus": 2}}))
-    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "1"}
-    command = [sys.executable, "-m", "pipelines.cli", "nightly", str(path), "--date", "2026-08-02"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    records = Location.parse(f"{root}/scores/line-7/padim-tex@1/2026-08-01/_parts")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None and len(records.list_files()) < 2:
-        time.sleep(0.1)
-    assert process.poll() is None, "the night ended before it could be killed:\n" + process.communicate()[0]
-    os.killpg(process.pid, signal.SIGKILL)
-    killed_output = process.communicate()[0]
-    assert not Location.parse(f"{root}/scores/line-7/padim-tex@1/2026-08-02/_manifest.json").exists()
+    state = tmp_path / "store"
+    store = objectstore.start(state, buckets=["nightly-faults"])
+    secrets = [store.secret_key]
+    try:
+        s3 = pafs.S3FileSystem(endpoint_override=store.endpoint.split("://")[1], scheme="http", region="us-east-1",
+                               access_key=store.access_key, secret_key=store.secret_key)
+        for day in ("2026-08-01", "2026-08-02"):
+            for i in range(24):
+                with s3.open_output_stream(f"nightly-faults/archive/date={day}/cam-1/{i:03d}.png") as out:
+                    out.write(encode(texture(int(day[-2:]) * 100 + i)))
+        root = "s3://nightly-faults/store"
+        spec = nightly_spec(root, Location("s3://nightly-faults/archive", None), v1, tmp_path / "catalog.db",
+                            drift={"max_psi": None})
+        spec["resources"]["batch_size"] = 2
+        path = tmp_path / "nightly.yaml"
+        path.write_text(yaml.safe_dump({**spec, "ray": {"address": "local", "num_cpus": 2}}))
+        command = [sys.executable, "-m", "pipelines.cli", "nightly", str(path), "--date", "2026-08-02"]
 
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "parts from an earlier attempt" in rerun.stdout, rerun.stdout
-    assert table_counts(spec, root) == {("2026-08-01", "padim-tex@1"): 40, ("2026-08-02", "padim-tex@1"): 40}
-    params = parse_spec(spec).steps[0].params
-    properties = scores_table.catalog_properties(params.table.catalog, Location.parse(root))
-    ids = scores_table.open_table(params.table, properties).scan(selected_fields=("image_id",)).to_arrow()
-    assert len(set(ids["image_id"].to_pylist())) == 80
+        def start(env):
+            return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
 
-    secret = s3_store.secret_key
-    assert secret and secret not in killed_output and secret not in rerun.stdout + rerun.stderr
-    [run_folder] = Location.parse(f"{root}/runs").list_dirs()
-    for location in run_folder.list_files():
-        assert secret.encode() not in location.read_bytes(), location.uri
-    assert secret.encode() not in (tmp_path / "catalog.db").read_bytes()
+        def parts_done():
+            return sum(len(s3.get_file_info(pafs.FileSelector(f"nightly-faults/store/scores/line-7/padim-tex@1/"
+                                                              f"{day}/_parts", allow_not_found=True)))
+                       for day in ("2026-08-01", "2026-08-02"))
+
+        def wait_for(process, condition, what):
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and process.poll() is None and not condition():
+                time.sleep(0.1)
+            assert process.poll() is None, f"the night ended before {what}:\n" + process.communicate()[0]
+
+        env = {**os.environ, **store.env(), "ADPIPE_RAY_LOG_TO_DRIVER": "1"}
+        outputs = []
+        first = start(env)
+        wait_for(first, lambda: parts_done() >= 1 and _processes_named(first.pid, "Scorer"), "a part was scored")
+        _processes_named(first.pid, "Scorer")[0].kill()  # SIGKILL one scorer actor's process
+        done_then = parts_done()
+        wait_for(first, lambda: parts_done() >= done_then + 2, "the restarted scorer went on")
+        os.killpg(first.pid, signal.SIGKILL)  # then the driver and its embedded Ray
+        outputs.append(first.communicate()[0])
+        assert parts_done() < 12, "the night was killed too late to leave work for the rerun"
+
+        second = start(env)
+        before = parts_done()
+        wait_for(second, lambda: parts_done() > before, "the store could be stopped")
+        objectstore.stop_pid(store.pid)
+        outputs.append(second.communicate(timeout=300)[0])
+        assert second.returncode == 1, outputs[-1]
+        [line] = [x for x in outputs[-1].splitlines() if x.startswith("adpipe:")]
+        assert line.startswith("adpipe: error: cannot ") and "s3://nightly-faults/" in line, line
+
+        store = objectstore.start(state)  # the same data, new ports and keys
+        secrets.append(store.secret_key)
+        env = {**os.environ, **store.env(), "ADPIPE_RAY_LOG_TO_DRIVER": "0"}
+        third = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        outputs.append(third.stdout + third.stderr)
+        assert third.returncode == 0, outputs[-1]
+        assert "parts from an earlier attempt" in third.stdout, third.stdout
+        query = subprocess.run([sys.executable, "-m", "pipelines.cli", "query", str(path), "--format", "csv",
+                                "select day, count(*) as n, count(distinct image_id) as ids, "
+                                "count(*) filter (where error is null) as ok from scores group by day order by day"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert query.returncode == 0, query.stderr
+        assert query.stdout.splitlines()[1:] == ["2026-08-01,24,24,24", "2026-08-02,24,24,24"], query.stdout
+        outputs.append(query.stdout + query.stderr)
+
+        s3 = pafs.S3FileSystem(endpoint_override=store.endpoint.split("://")[1], scheme="http", region="us-east-1",
+                               access_key=store.access_key, secret_key=store.secret_key)
+        records = [i.path for i in s3.get_file_info(pafs.FileSelector("nightly-faults/store/runs", recursive=True))
+                   if i.type == pafs.FileType.File]
+        assert any(r.endswith("nightly-report.json") for r in records), records
+        stored = [s3.open_input_stream(r).read() for r in records] + [(tmp_path / "catalog.db").read_bytes()]
+        for secret in secrets:
+            assert not any(secret in text for text in outputs), "a secret key in the output"
+            assert not any(secret.encode() in data for data in stored), "a secret key in a record or the catalog"
+    finally:
+        objectstore.stop_pid(store.pid)
 
 
 # ---- no Ray ------------------------------------------------------------------------------------
