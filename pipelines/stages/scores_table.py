@@ -150,11 +150,10 @@ def load_partitions(spec: TableSpec, properties: dict[str, Any], archive: str, l
     parts = [(part, load.day.isoformat()) for load in loads for part in load.parts]
     # One task per part; at least one (empty) batch, so that an overwrite with nothing to write
     # (every file of the days rejected at ingest) still empties the partitions.
-    rows = ray.data.from_items([{"part": i} for i in range(len(parts))] or [{"part": -1}],
-                               override_num_blocks=max(1, len(parts)))
-    rows = rows.map_batches(_table_rows,  # type: ignore[arg-type]  # Ray types `fn` as fn(batch), without fn_kwargs
-                            batch_size=1, batch_format="numpy",
-                            fn_kwargs={"archive": archive, "parts": parts})
+    tasks = ray.data.from_items([{"part": i} for i in range(len(parts))] or [{"part": -1}],
+                                override_num_blocks=max(1, len(parts)))
+    rows = tasks.map_batches(_table_rows,  # type: ignore[arg-type]  # Ray types `fn` as fn(batch), without fn_kwargs
+                             batch_size=1, batch_format="numpy", fn_kwargs={"archive": archive, "parts": parts})
     overwrite = None
     for model in sorted({load.model for load in loads}):
         days = sorted({load.day for load in loads if load.model == model})
