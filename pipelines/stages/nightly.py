@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,123 +88,169 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         lock.release()
 
 
+@dataclass
+class Night:
+    """What the phases of one night share."""
+
+    params: NightlyParams
+    context: StepContext
+    night: datetime.date
+    window: list[datetime.date]
+    archive: Location
+    model_folder: Location
+    card: ModelCard
+
+    @property
+    def name(self) -> str:
+        return self.params.archive.name
+
+    @property
+    def model(self) -> str:
+        return self.card.version
+
+
 def _night(params: NightlyParams, context: StepContext) -> StepResult:
-    started = time.monotonic()
     night = params.night_date()
-    window = params.window(night)
-    root, name = context.root, params.archive.name
     model_folder = context.input_dataset(params.model)
     card = ModelCard.read(model_folder).require("detector", "scoring")
-    model = card.version
-    archive = Location.parse(params.archive.uri, root.settings)
+    it = Night(params, context, night, params.window(night),
+               Location.parse(params.archive.uri, context.root.settings), model_folder, card)
+    seconds: dict[str, float] = {}
 
-    # 1. list the window's partitions; ingest the new or changed ones
-    days: list[DayPartition] = []
-    for day in window:
-        items, listing = list_day_partition(archive, day.isoformat(), params.archive.category)
-        if items:
-            items = refuse_links_outside(archive, items, params.archive.follow_symlinks)
-            days.append(DayPartition(day, items, listing, root.join("datasets", name, day.isoformat()),
-                                     root.join("scores", name, model, day.isoformat())))
-    for partition in days:
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        seconds[name] = round(time.monotonic() - started, 3)
+
+    with phase("plan"):
+        days = _list_days(it)
+    with phase("ingest"):
+        ingested = _ingest_new(it, days)
+    with phase("score"):
+        scored, outcome = _score_missing(it, days)
+    with phase("load"):
+        loads, loaded_rows = _load_missing(it, days)
+    computed = outcome.rows_computed if outcome else 0
+    facts: dict[str, Any] = {
+        "archive": it.name, "night": night.isoformat(), "model": it.model, "run_id": context.run_id,
+        "window": [it.window[0].isoformat(), it.window[-1].isoformat()],
+        "partitions": [p.name for p in days], "partitions_ingested": [p.name for p in ingested],
+        "partitions_scored": [p.name for p in scored], "partitions_loaded": [f"date={x.day}" for x in loads],
+        "rows_scored": computed, "rows_loaded": loaded_rows, "reused_parts": outcome.reused if outcome else 0,
+        # Of the scoring phase (decode, the scorer pool, writing parts, publishing), actor start included.
+        "images_per_second": round(computed / seconds["score"], 2) if computed else None,
+        "table": params.table.identifier, "seconds": seconds,
+    }
+    if not any(p.day == night for p in days):
+        facts["note"] = f"no partition date={night.isoformat()} in the archive"
+    with phase("report"):
+        health = _health(params, night, days)
+        alerts = [alert for c in health for alert in c.alerts]
+        record = context.record.folder
+        record.join(REPORT_JSON).write_json(report_json(facts, health, alerts))
+        record.join(REPORT_HTML).write_bytes(report_html(facts, health, alerts).encode())
+        record.join(METRICS).write_bytes(report_prometheus(facts, health, alerts))
+    context.log("nightly done", **{k: v for k, v in facts.items() if k.startswith(("partitions_", "rows_"))},
+                seconds=seconds, alerts=alerts)
+    return StepResult(output=context.root.join("scores", it.name, it.model).uri,
+                      rows=sum(p.manifest.rows for p in days if p.manifest is not None),
+                      details={**{k: v for k, v in facts.items() if k != "partitions"}, "alerts": alerts},
+                      summary=tuple(_summary(it, facts, days, health, alerts)))
+
+
+def _list_days(it: Night) -> list[DayPartition]:
+    """The window's day partitions that have files; each with its published images if they are
+    of the current listing."""
+    root, archive = it.context.root, it.archive
+    days = []
+    for day in it.window:
+        items, listing = list_day_partition(archive, day.isoformat(), it.params.archive.category)
+        if not items:
+            continue
+        items = refuse_links_outside(archive, items, it.params.archive.follow_symlinks)
+        partition = DayPartition(day, items, listing, root.join("datasets", it.name, day.isoformat()),
+                                 root.join("scores", it.name, it.model, day.isoformat()))
         published = _published(partition.images, "images")
-        if published is not None and published.extra.get("listing") == partition.listing:
+        if published is not None and published.extra.get("listing") == listing:
             partition.manifest = published
-    to_ingest = [p for p in days if p.manifest is None]
-    timings = {"plan_s": time.monotonic() - started}
-    mark = time.monotonic()
-    context.log("nightly planned", night=night.isoformat(), window=[window[0].isoformat(), window[-1].isoformat()],
-                partitions=len(days), to_ingest=[p.name for p in to_ingest], model=model)
-    if to_ingest:
-        written = write_image_parts([(p.images, p.items) for p in to_ingest], params.archive.rows_per_part,
-                                    params.max_image_pixels, ResourcesSpec(workers=max(2, params.resources.workers)))
-        for partition, parts in zip(to_ingest, written):
-            partition.manifest = publish_images(
-                partition.images, parts, name=name,
-                lineage=context.lineage(source={"type": "archive", "uri": archive.uri, "partition": partition.name}),
-                extra={"source_files": len(partition.items), "listing": partition.listing,
-                       "partition": partition.name}).manifest
+        days.append(partition)
+    it.context.log("nightly planned", night=it.night.isoformat(), window=[it.window[0].isoformat(),
+                                                                          it.window[-1].isoformat()],
+                   partitions=len(days), to_ingest=[p.name for p in days if p.manifest is None], model=it.model)
+    return days
 
-    timings["ingest_s"] = time.monotonic() - mark
-    mark = time.monotonic()
 
-    # 2. score the partitions without this model's scores of these images
-    model_fingerprint = datasets.fingerprint([model_folder.uri, card.thresholds])
+def _ingest_new(it: Night, days: list[DayPartition]) -> list[DayPartition]:
+    """Ingest (in one Ray pass) and publish the days without images of their current listing."""
+    todo = [p for p in days if p.manifest is None]
+    if not todo:
+        return todo
+    params = it.params
+    written = write_image_parts([(p.images, p.items) for p in todo], params.archive.rows_per_part,
+                                params.max_image_pixels, ResourcesSpec(workers=max(2, params.resources.workers)))
+    for partition, parts in zip(todo, written):
+        partition.manifest = publish_images(
+            partition.images, parts, name=it.name,
+            lineage=it.context.lineage(source={"type": "archive", "uri": it.archive.uri, "partition": partition.name}),
+            extra={"source_files": len(partition.items), "listing": partition.listing,
+                   "partition": partition.name}).manifest
+    return todo
+
+
+def _score_missing(it: Night, days: list[DayPartition]) -> tuple[list[DayPartition], Any]:
+    """Score the days without published scores of these images from this model version."""
+    params = it.params
+    model_fingerprint = datasets.fingerprint([it.model_folder.uri, it.card.thresholds])
     for partition in days:
         assert partition.manifest is not None
         partition.scoring = datasets.fingerprint([[p.input_fingerprint for p in partition.manifest.parts],
                                                   model_fingerprint, params.anomaly_maps, params.max_image_pixels])
-    to_score = [p for p in days if _scoring_of(p.scores) != p.scoring]
-    outcome = None
-    if to_score:
-        check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
-        outcome = _score(to_score, params, context, card, model_folder, model_fingerprint, model)
-    scored_seconds = time.monotonic() - started
-    timings["score_s"] = time.monotonic() - mark
-    mark = time.monotonic()
+    todo = [p for p in days if _scoring_of(p.scores) != p.scoring]
+    if not todo:
+        return todo, None
+    check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
+    return todo, _score(todo, params, it.context, it.card, it.model_folder, model_fingerprint, it.model)
 
-    # 3. load into the Iceberg table what it does not hold yet
-    properties = scores_table.catalog_properties(params.table.catalog, root)
-    table = scores_table.open_table(params.table, properties)
-    loaded = scores_table.loaded_partitions(table)
+
+def _load_missing(it: Night, days: list[DayPartition]) -> tuple[list[scores_table.PartitionLoad], int]:
+    """Load into the Iceberg table, in one commit, the days whose published scores it does not hold."""
+    params = it.params
+    properties = scores_table.catalog_properties(params.table.catalog, it.context.root)
+    loaded = scores_table.loaded_partitions(scores_table.open_table(params.table, properties))
     loads = []
     for partition in days:
         manifest = datasets.read_manifest(partition.scores, table="scores")
         fingerprint = datasets.fingerprint([manifest.extra.get("scoring"), manifest.rows,
                                             [p.input_fingerprint for p in manifest.parts]])
-        if loaded.get(scores_table.partition_key(partition.day, model)) != fingerprint:
-            loads.append(scores_table.PartitionLoad(partition.day, model, fingerprint,
+        if loaded.get(scores_table.partition_key(partition.day, it.model)) != fingerprint:
+            loads.append(scores_table.PartitionLoad(partition.day, it.model, fingerprint,
                                                     tuple(datasets.part_locations(partition.scores, manifest)),
                                                     manifest.rows))
-    loaded_rows = 0
-    if loads:
-        loaded_rows = scores_table.load_partitions(
-            params.table, properties, name, loads, loaded, window,
-            {"adpipe.run_id": context.run_id, "adpipe.night": night.isoformat(), "adpipe.archive": name})
+    if not loads:
+        return loads, 0
+    rows = scores_table.load_partitions(
+        params.table, properties, it.name, loads, loaded, it.window,
+        {"adpipe.run_id": it.context.run_id, "adpipe.night": it.night.isoformat(), "adpipe.archive": it.name})
+    return loads, rows
 
-    timings["load_s"] = time.monotonic() - mark
-    mark = time.monotonic()
 
-    # 4. drift and health of the night's partition
-    computed = outcome.rows_computed if outcome else 0
-    facts: dict[str, Any] = {
-        "archive": name, "night": night.isoformat(), "model": model, "run_id": context.run_id,
-        "window": [window[0].isoformat(), window[-1].isoformat()],
-        "partitions": [p.name for p in days], "partitions_ingested": [p.name for p in to_ingest],
-        "partitions_scored": [p.name for p in to_score], "partitions_loaded": [f"date={x.day}" for x in loads],
-        "rows_scored": computed, "rows_loaded": loaded_rows, "reused_parts": outcome.reused if outcome else 0,
-        "images_per_second": round(computed / scored_seconds, 2) if computed else None,
-        "table": params.table.identifier,
-    }
-    health = _health(params, night, days)
-    timings["report_s"] = time.monotonic() - mark
-    facts["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    alerts = [alert for c in health for alert in c.alerts]
-    if not any(p.day == night for p in days):
-        facts["note"] = f"no partition date={night.isoformat()} in the archive"
-    report = report_json(facts, health, alerts)
-    context.record.folder.join(REPORT_JSON).write_json(report)
-    context.record.folder.join(REPORT_HTML).write_bytes(report_html(facts, health, alerts).encode())
-    context.record.folder.join(METRICS).write_bytes(report_prometheus(facts, health, alerts))
-    context.log("nightly done", **{k: v for k, v in facts.items() if k.startswith(("partitions_", "rows_"))},
-                alerts=alerts)
-
-    lines = [f"night {night} of {name} with {model}: window {window[0]} .. {window[-1]}, "
-             f"{len(days)} partitions; ingested {len(to_ingest)}, scored {len(to_score)}, "
-             f"loaded {len(loads)} into {params.table.identifier} ({loaded_rows} rows)"]
-    if computed:
-        lines.append(f"  scored {computed} images at {facts['images_per_second']} images/s"
-                     + (f" ({outcome.reused} parts from an earlier attempt)" if outcome and outcome.reused else ""))
+def _summary(it: Night, facts: dict[str, Any], days: list[DayPartition], health: list[CategoryHealth],
+             alerts: list[str]) -> list[str]:
+    lines = [f"night {it.night} of {it.name} with {it.model}: window {it.window[0]} .. {it.window[-1]}, "
+             f"{len(days)} partitions; ingested {len(facts['partitions_ingested'])}, scored "
+             f"{len(facts['partitions_scored'])}, loaded {len(facts['partitions_loaded'])} into "
+             f"{facts['table']} ({facts['rows_loaded']} rows)"]
+    if facts["rows_scored"]:
+        lines.append(f"  scored {facts['rows_scored']} images at {facts['images_per_second']} images/s"
+                     + (f" ({facts['reused_parts']} parts from an earlier attempt)" if facts["reused_parts"] else ""))
     for c in health:
         lines.append(f"  {c.category}: {c.images} images, {c.errors} errors, {c.anomalous_share:.1%} anomalous"
                      + (f", PSI {c.psi:.3f}, KS {c.ks_statistic:.3f} vs {len(c.reference_nights)} nights"
                         if c.judged else ", drift not judged (too few images or no earlier nights)"))
     lines += [f"  ALERT {alert}" for alert in alerts]
-    lines.append(f"  report: {context.record.folder.join(REPORT_HTML).uri}")
-    return StepResult(output=root.join("scores", name, model).uri, rows=sum(p.manifest.rows for p in days
-                                                                             if p.manifest is not None),
-                      details={**{k: v for k, v in facts.items() if k not in ("partitions",)}, "alerts": alerts},
-                      summary=tuple(lines))
+    lines.append(f"  report: {it.context.record.folder.join(REPORT_HTML).uri}")
+    return lines
 
 
 def _scoring_of(folder: Location) -> str | None:

@@ -178,6 +178,9 @@ def query(spec: TableSpec, properties: dict[str, Any], sql: str) -> pa.Table:
     connection = duckdb.connect()
     connection.register("scores", reader)
     try:
-        return connection.execute(sql).to_arrow_table()
+        relation = connection.sql(sql)
     except duckdb.Error as error:
         raise InputError(f"query failed: {error}") from None
+    if relation is None:
+        raise InputError("the query returns no rows: give a SELECT over `scores`")
+    return relation.to_arrow_table()
