@@ -100,6 +100,7 @@ def main() -> None:
             return time.monotonic() - started, result, rss.peak
 
         rows = []
+        phases: list[dict] = []
         nothing = []
         for index in range(args.nights):
             day = first_day + datetime.timedelta(days=index)
@@ -108,6 +109,7 @@ def main() -> None:
                 archive.join(f"date={day}", "cam-1", f"{i:04d}.png").write_bytes(cell)
             seconds, result, peak = night(prepared.model_uri, day)
             rows.append((day, seconds, result.details["rows_scored"], peak))
+            phases.append(result.details["seconds"])
             b.log(f"night {index + 1:2d} {day}: {seconds:6.2f} s, scored {result.details['rows_scored']}, "
                   f"loaded {result.details['rows_loaded']}, peak RSS {peak / 2**20:.0f} MiB")
             if (index + 1) in (args.retention, args.nights) or (index + 1) == args.nights // 2:
@@ -134,6 +136,9 @@ def main() -> None:
           f"(min {min(normal):.2f}, max {max(normal):.2f}) = {night_rate:.2f} images/s")
     print(f"  plain score job, same images:      {plain.wall_seconds:.2f} s = {plain_rate:.2f} images/s")
     print(f"  ratio night / plain score:         {night_rate / plain_rate:.2f} (goal >= 0.8)")
+    print("  normal night by phase (median s): " + ", ".join(
+        f"{name} {statistics.median(p[name] for p in phases[1:]):.2f}" for name in phases[0]))
+    print("  rollout by phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in rollout.details["seconds"].items()))
     for count, seconds in nothing:
         print(f"  nothing new after {count:2d} nights:      {seconds:.2f} s")
     print(f"  rollout backfill ({len(rollout.details['partitions_scored'])} partitions, "
