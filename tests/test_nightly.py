@@ -361,6 +361,10 @@ def test_nightly_spec_checks_and_the_night_from_the_schedule(tmp_path):
     with pytest.raises(InputError, match="table.catalog.uri is needed"):
         scores_table.catalog_properties(params.table.catalog, Location.parse("s3://bucket/root"))
     assert load_spec(REPO / "jobs" / "nightly.yaml").kind == "nightly"
+    # `adpipe nightly` / `adpipe query` take only nightly specs; a bad --date is refused before anything runs.
+    assert cli.main(["nightly", str(REPO / "jobs" / "demo.yaml")]) == 2
+    assert cli.main(["query", str(REPO / "jobs" / "demo.yaml"), "select 1"]) == 2
+    assert cli.main(["nightly", str(REPO / "jobs" / "nightly.yaml"), "--date", "yesterday"]) == 2
 
 
 def test_psi_against_a_direct_computation():
@@ -396,3 +400,22 @@ def test_psi_pvalue_holds_its_level_on_samples_of_one_distribution():
         assert np.mean(np.asarray(pvalues) < 0.01) < 0.03, (n_ref, n_cur)
     shifted = population_stability_index(ref := rng.normal(size=200), rng.normal(0.8, 1, 60), 10)
     assert psi_pvalue(shifted, len(ref), 60, 10) < 0.01
+
+
+def test_a_table_made_by_an_older_version_gains_the_new_columns_and_its_partitioning(tmp_path):
+    """A table from before a column was added (or whose creator died before partitioning it) is
+    brought up to date on open, without touching its rows."""
+    from pyiceberg.catalog import load_catalog
+
+    from pipelines.params.nightly import TableSpec
+
+    root = Location.parse(f"file://{tmp_path}/root")
+    properties = scores_table.catalog_properties(TableSpec().catalog, root)
+    catalog = load_catalog(properties["name"], **{k: v for k, v in properties.items() if k != "name"})
+    catalog.create_namespace("adpipe")
+    old = scores_table.TABLE_SCHEMA.remove(scores_table.TABLE_SCHEMA.get_field_index("scores_uri"))
+    catalog.create_table("adpipe.nightly_scores", schema=old)
+    table = scores_table.open_table(TableSpec(), properties)
+    assert table.schema().column_names == scores_table.TABLE_SCHEMA.names
+    assert [f.name for f in table.spec().fields] == ["day", "model"]
+    assert properties["uri"] == f"sqlite:///{tmp_path}/root/catalog/iceberg.db"

@@ -71,19 +71,19 @@ def open_table(spec: TableSpec, properties: dict[str, Any]) -> Any:
     catalog = load_catalog(properties["name"], **kwargs)
     namespace = spec.identifier.split(".")[0]
     catalog.create_namespace_if_not_exists(namespace)
-    if catalog.table_exists(spec.identifier):
+    if not catalog.table_exists(spec.identifier):
+        catalog.create_table(spec.identifier, schema=TABLE_SCHEMA)
+    table = catalog.load_table(spec.identifier)
+    if not table.spec().fields:  # new, or created by a run that died before this commit
+        with table.update_spec() as update:
+            update.add_identity("day")
+            update.add_identity("model")
         table = catalog.load_table(spec.identifier)
-        missing = [f.name for f in TABLE_SCHEMA if f.name not in table.schema().column_names]
-        if missing:
-            with table.update_schema() as update:  # the table grows with the schema: extend, don't rename
-                update.union_by_name(TABLE_SCHEMA)
-            table = catalog.load_table(spec.identifier)
-        return table
-    table = catalog.create_table(spec.identifier, schema=TABLE_SCHEMA)
-    with table.update_spec() as update:
-        update.add_identity("day")
-        update.add_identity("model")
-    return catalog.load_table(spec.identifier)
+    if any(f.name not in table.schema().column_names for f in TABLE_SCHEMA):
+        with table.update_schema() as update:  # the table grows with the schema: extend, don't rename
+            update.union_by_name(TABLE_SCHEMA)
+        table = catalog.load_table(spec.identifier)
+    return table
 
 
 def loaded_partitions(table: Any) -> dict[str, str]:
