@@ -14,6 +14,14 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "[test] chromium could not be installed; the report rendering test will be skipped, or fail in CI" >&2
 fi
+# A throwaway PostgreSQL server is the production-like Iceberg catalog of one nightly test
+# (tests/test_nightly.py); installed like Chromium, skipped without it except in CI.
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[test] installing postgresql for the nightly catalog test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+    || echo "[test] postgresql could not be installed; that test will be skipped, or fail in CI" >&2
+fi
 # Static checks before the tests, each failing the script on a finding (configured in pyproject.toml):
 # import contracts (layers, no torch/Ray in spec parsing), lint, types.
 echo "[test] lint-imports, ruff check, mypy" >&2

@@ -405,9 +405,10 @@ def test_nightly_rayjob_runs_this_image_with_secrets_from_secrets_only():
     for container in found:
         assert S3_SECRET in [s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s]
         env = {entry["name"]: entry for entry in container.get("env", [])}
-        # The catalog URI holds the database password: from a Secret, never inline.
-        catalog = env["PYICEBERG_CATALOG__ADPIPE__URI"]
-        assert set(catalog) == {"name", "valueFrom"} and "secretKeyRef" in catalog["valueFrom"]
+        # The catalog's URI (no password) from a ConfigMap, the password from a Secret.
+        assert env["PYICEBERG_CATALOG__ADPIPE__URI"]["valueFrom"] == {
+            "configMapKeyRef": {"name": "adpipe-catalog", "key": "uri"}}
+        assert env["PGPASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "adpipe-catalog", "key": "password"}}
     for name, document in docs.items():
         assert credential_problems(document) == [], name
     # A GPU worker group sized for the spec's scorers.

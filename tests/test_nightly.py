@@ -217,11 +217,57 @@ def test_a_shifted_night_raises_a_drift_alert_and_exit_3(models, file_root, tmp_
     assert "ALERT tex: score distribution drifted" in capsys.readouterr().out
 
 
-def test_one_night_at_a_time_per_archive(models, file_root, tmp_path):
+@pytest.fixture
+def postgres(monkeypatch):
+    """A throwaway PostgreSQL server on loopback (Debian's postgresql package) with a password
+    user: the catalog a production deployment uses. Skipped where the server is not installed,
+    except in CI (CI=true), where that fails the test."""
+    import glob
+    import shutil
+    import tempfile
+
+    from pipelines.objectstore import free_port
+
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL (initdb) is not installed; ops/test.sh installs it where it can")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = Path(found).resolve().parent
+    folder = Path(tempfile.mkdtemp(prefix="adpipe-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    password = "pg-canary-" + os.urandom(6).hex()
+    (folder / "pw").write_text(password)
+    if as_user:
+        shutil.chown(folder / "pw", "postgres")
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "adpipe",
+                    "--pwfile", str(folder / "pw"), "-A", "scram-sha-256"], check=True, capture_output=True)
+    (folder / "pw").unlink()
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"),
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("PGPASSWORD", password)  # libpq's: the catalog URI holds no password
+    try:
+        yield f"postgresql+psycopg2://adpipe@127.0.0.1:{port}/postgres", password
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_one_night_at_a_time_per_archive_with_a_postgresql_catalog(models, file_root, postgres):
+    """The refusal while another night of the archive runs; then the night, its table in a real
+    PostgreSQL catalog whose password (from the environment, as libpq reads it) is in no record."""
     v1, _ = models
+    uri, password = postgres
     archive = Location.parse(file_root).join("archive")
     add_partition(archive, "2026-09-01", 2, seed=1)
-    spec = nightly_spec(file_root, archive, v1, tmp_path / "catalog.db")
+    spec = nightly_spec(file_root, archive, v1, Path("unused"))
+    spec["table"] = {"catalog": {"uri": uri}}
     other = Lease(Location.parse(file_root).join("nightly", "line-7"))
     other.acquire("line-7-another-night")  # another night of the same archive is running
     try:
@@ -231,6 +277,11 @@ def test_one_night_at_a_time_per_archive(models, file_root, tmp_path):
         other.release()
     assert not Location.parse(file_root).join("scores").exists(), "the refused night wrote scores"
     assert night(spec, "2026-09-01").details["partitions_scored"] == ["date=2026-09-01"]
+    assert table_counts(spec, file_root) == {("2026-09-01", "padim-tex@1"): 2}
+    store = Path(file_root[len("file://"):])
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
 
 
 def _processes_named(root_pid: int, text: str) -> list:
@@ -360,6 +411,13 @@ def test_nightly_spec_checks_and_the_night_from_the_schedule(tmp_path):
                     "inputs": {"dataset": f"file://{tmp_path}/d"}, "model": {"uri": f"file://{tmp_path}/m"}})
     with pytest.raises(InputError, match="table.catalog.uri is needed"):
         scores_table.catalog_properties(params.table.catalog, Location.parse("s3://bucket/root"))
+    os.environ["PYICEBERG_CATALOG__ADPIPE__URI"] = "postgresql+psycopg2://adpipe:hunter2@db/iceberg"
+    try:
+        with pytest.raises(InputError, match="PYICEBERG_CATALOG__ADPIPE__URI holds a password") as refused:
+            scores_table.catalog_properties(params.table.catalog, Location.parse("s3://bucket/root"))
+        assert "hunter2" not in str(refused.value)
+    finally:
+        del os.environ["PYICEBERG_CATALOG__ADPIPE__URI"]
     assert load_spec(REPO / "jobs" / "nightly.yaml").kind == "nightly"
     # `adpipe nightly` / `adpipe query` take only nightly specs; a bad --date is refused before anything runs.
     assert cli.main(["nightly", str(REPO / "jobs" / "demo.yaml")]) == 2

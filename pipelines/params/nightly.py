@@ -59,9 +59,11 @@ class ArchiveSpec:
 @dataclass(frozen=True)
 class CatalogSpec:
     """The Iceberg catalog (pyiceberg). `sql`: SQLAlchemy URI, SQLite (the embedded default:
-    `<storage root>/catalog/iceberg.db`, for a file:// root) or PostgreSQL; `rest`: a REST catalog.
-    Credentials never go here: pyiceberg also reads PYICEBERG_CATALOG__<NAME>__URI (and any other
-    property) from the environment, e.g. from a Kubernetes Secret."""
+    `<storage root>/catalog/iceberg.db`, for a file:// root) or PostgreSQL
+    (`postgresql+psycopg2://user@host:5432/db`); `rest`: a REST catalog. pyiceberg also reads
+    PYICEBERG_CATALOG__<NAME>__URI (and any other property) from the environment. A password is
+    never in the URI, here or there (refused): PostgreSQL's client reads it from PGPASSWORD or
+    ~/.pgpass, e.g. from a Kubernetes Secret."""
 
     name: str = "adpipe"
     type: Literal["sql", "rest"] = "sql"
@@ -71,8 +73,8 @@ class CatalogSpec:
     def validate(self, path: str) -> CatalogSpec:
         check_name(self.name, f"{path}.name")
         if self.uri is not None and URI_WITH_CREDENTIALS.match(self.uri):
-            raise SpecError(f"{path}.uri", "credentials are not allowed in a job spec; set "
-                                           f"PYICEBERG_CATALOG__{self.name.upper()}__URI in the environment instead")
+            raise SpecError(f"{path}.uri", "credentials are not allowed in a job spec; give the password in "
+                                           "PGPASSWORD (or ~/.pgpass), where PostgreSQL's client library reads it")
         warehouse = normalize_uri(self.warehouse, f"{path}.warehouse") if self.warehouse else None
         return replace(self, warehouse=warehouse)
 

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.errors import InputError
-from pipelines.params.nightly import CatalogSpec, TableSpec
+from pipelines.params.nightly import URI_WITH_CREDENTIALS, CatalogSpec, TableSpec
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -43,6 +43,11 @@ def catalog_properties(spec: CatalogSpec, root: Location) -> dict[str, Any]:
     environment (AWS_* for the warehouse, PYICEBERG_CATALOG__<NAME>__* for the catalog)."""
     properties: dict[str, Any] = {"name": spec.name, "type": spec.type}
     env_uri = f"PYICEBERG_CATALOG__{spec.name.upper()}__URI"
+    if URI_WITH_CREDENTIALS.match(os.environ.get(env_uri, "")):
+        # pyiceberg copies the catalog's properties into the table's FileIO, which Ray Data ships
+        # to its write tasks: a password in the URI would travel in task arguments.
+        raise InputError(f"${env_uri} holds a password: give the catalog URI without it and the password in "
+                         "PGPASSWORD (or ~/.pgpass), where PostgreSQL's client library reads it")
     if spec.uri is not None:
         properties["uri"] = spec.uri
     elif not os.environ.get(env_uri):
