@@ -297,9 +297,10 @@ def _processes_named(root_pid: int, text: str) -> list:
     return found
 
 
-def test_faults_mid_night_a_killed_scorer_a_killed_driver_a_store_outage_then_exact_rows(models, tmp_path):
-    """On a private S3 server, one night of 2 x 16 images: a scorer actor's process is killed
-    (Ray restarts it), then the driver with its embedded Ray (kill -9); the rerun is cut by the S3
+def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_exact_rows(models, tmp_path):
+    """On a private S3 server, one night of 2 x 16 images: a second run of the same night and one
+    of another spec for the same archive are refused (exit 75) while it runs; a scorer actor's
+    process is killed (Ray restarts it), then the driver with its embedded Ray (kill -9); the rerun is cut by the S3
     server stopping (exit 1, naming the store); after a restart of the server, a rerun completes
     with exactly one row per image, reusing the parts done before. The S3 secret keys, in every
     process's environment, appear in no output, record, report or catalog."""
@@ -345,6 +346,18 @@ def test_faults_mid_night_a_killed_scorer_a_killed_driver_a_store_outage_then_ex
         outputs = []
         first = start(env)
         wait_for(first, lambda: parts_done() >= 1 and _processes_named(first.pid, "Scorer"), "a part was scored")
+        # Two runs of the same night at once: the same spec is the same run id (its lease refuses);
+        # another spec of the archive is another run id (the archive's lease refuses). Exit 75 for
+        # both, before either writes anything.
+        same = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert same.returncode == 75 and "is being run by pid" in same.stderr, same.stdout + same.stderr
+        other_spec = tmp_path / "other.yaml"
+        other_spec.write_text(yaml.safe_dump({**spec, "anomaly_maps": True, "ray": {"address": "local"}}))
+        other = subprocess.run([*command[:4], str(other_spec), *command[5:]], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode == 75, other.stdout + other.stderr
+        assert "archive 'line-7' (one night at a time) is held by pid" in other.stderr, other.stderr
+        outputs += [same.stdout + same.stderr, other.stdout + other.stderr]
         _processes_named(first.pid, "Scorer")[0].kill()  # SIGKILL one scorer actor's process
         done_then = parts_done()
         wait_for(first, lambda: parts_done() >= done_then + 2, "the restarted scorer went on")
