@@ -84,6 +84,14 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec, steps=(step,))
     run_id = args.run_id or f"{spec.name}-{night.isoformat()}-{spec_fingerprint(spec)[:8]}"
     check_run_id(run_id)
+    # Another night of the archive running: refuse now, not after starting Ray (the stage's own
+    # lease on the archive is what excludes; this only answers sooner).
+    from pipelines.orchestrator import storage_root
+    from pipelines.runs import refuse_if_held
+    from pipelines.stages.nightly import archive_lease
+
+    folder, what = archive_lease(storage_root(spec), step.params)
+    refuse_if_held(folder, run_id, what)
     outcome = run_job(spec, run_id=run_id, ray_address=args.ray_address, handle_sigterm=True)
     return _alerts_exit(outcome)
 

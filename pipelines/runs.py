@@ -189,6 +189,14 @@ class Lease:
             self.location.delete()
 
 
+def refuse_if_held(folder: Location, run_id: str, what: str) -> None:
+    """Raise RunInUse if another run holds a live lease on `folder` now: a quick refusal before
+    anything starts (the holder's own `Lease.acquire` is still what guarantees exclusion)."""
+    lease = read_lease(folder)
+    if lease is not None and lease_is_live(lease) and lease.get("run_id") != run_id:
+        raise RunInUse(Lease._busy_message(run_id, lease, what))
+
+
 class RunRecord:
     """The record of one run; every change is written through to storage at once."""
 

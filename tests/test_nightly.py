@@ -298,7 +298,7 @@ def _processes_named(root_pid: int, text: str) -> list:
 
 
 def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_exact_rows(models, tmp_path):
-    """On a private S3 server, one night of 2 x 16 images: a second run of the same night and one
+    """On a private S3 server, one night of 2 x 40 images: a second run of the same night and one
     of another spec for the same archive are refused (exit 75) while it runs; a scorer actor's
     process is killed (Ray restarts it), then the driver with its embedded Ray (kill -9); the rerun is cut by the S3
     server stopping (exit 1, naming the store); after a restart of the server, a rerun completes
@@ -316,7 +316,7 @@ def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_e
         s3 = pafs.S3FileSystem(endpoint_override=store.endpoint.split("://")[1], scheme="http", region="us-east-1",
                                access_key=store.access_key, secret_key=store.secret_key)
         for day in ("2026-08-01", "2026-08-02"):
-            for i in range(16):
+            for i in range(40):
                 with s3.open_output_stream(f"nightly-faults/archive/date={day}/cam-1/{i:03d}.png") as out:
                     out.write(encode(texture(int(day[-2:]) * 100 + i)))
         root = "s3://nightly-faults/store"
@@ -345,25 +345,28 @@ def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_e
         env = {**os.environ, **store.env(), "ADPIPE_RAY_LOG_TO_DRIVER": "1"}
         outputs = []
         first = start(env)
-        wait_for(first, lambda: parts_done() >= 1 and _processes_named(first.pid, "Scorer"), "a part was scored")
-        # Two runs of the same night at once: the same spec is the same run id (its lease refuses);
-        # another spec of the archive is another run id (the archive's lease refuses). Exit 75 for
-        # both, before either writes anything.
-        same = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert same.returncode == 75 and "is being run by pid" in same.stderr, same.stdout + same.stderr
+        # Two runs of the same night at once, started as soon as this one holds the archive: the same
+        # spec is the same run id (the run's lease refuses); another spec of the archive is another
+        # run id (the archive's lease refuses). Exit 75 for both, and neither writes anything.
+        wait_for(first, lambda: s3.get_file_info("nightly-faults/store/nightly/line-7/lease.json").type
+                 == pafs.FileType.File, "it held the archive")
         other_spec = tmp_path / "other.yaml"
         other_spec.write_text(yaml.safe_dump({**spec, "anomaly_maps": True, "ray": {"address": "local"}}))
-        other = subprocess.run([*command[:4], str(other_spec), *command[5:]], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=120)
-        assert other.returncode == 75, other.stdout + other.stderr
-        assert "archive 'line-7' (one night at a time) is held by pid" in other.stderr, other.stderr
-        outputs += [same.stdout + same.stderr, other.stdout + other.stderr]
+        refused = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True) for argv in (command, [*command[:4], str(other_spec), *command[5:]])]
+        same, other = (process.communicate(timeout=120)[0] for process in refused)  # while the night runs
+        assert first.poll() is None, "the night ended before the second runs were refused"
+        assert refused[0].returncode == 75 and "is being run by pid" in same, same
+        assert refused[1].returncode == 75, other
+        assert "archive 'line-7' (one night at a time) is held by pid" in other, other
+        outputs += [same, other]
+        wait_for(first, lambda: parts_done() >= 1 and _processes_named(first.pid, "Scorer"), "a part was scored")
         _processes_named(first.pid, "Scorer")[0].kill()  # SIGKILL one scorer actor's process
         done_then = parts_done()
         wait_for(first, lambda: parts_done() >= done_then + 2, "the restarted scorer went on")
         os.killpg(first.pid, signal.SIGKILL)  # then the driver and its embedded Ray
         outputs.append(first.communicate()[0])
-        assert parts_done() < 8, "the night was killed too late to leave work for the rerun"
+        assert parts_done() < 20, "the night was killed too late to leave work for the rerun"
 
         second = start(env)
         before = parts_done()
@@ -386,7 +389,7 @@ def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_e
                                 "count(*) filter (where error is null) as ok from scores group by day order by day"],
                                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert query.returncode == 0, query.stderr
-        assert query.stdout.splitlines()[1:] == ["2026-08-01,16,16,16", "2026-08-02,16,16,16"], query.stdout
+        assert query.stdout.splitlines()[1:] == ["2026-08-01,40,40,40", "2026-08-02,40,40,40"], query.stdout
         outputs.append(query.stdout + query.stderr)
 
         s3 = pafs.S3FileSystem(endpoint_override=store.endpoint.split("://")[1], scheme="http", region="us-east-1",

@@ -78,10 +78,16 @@ def _published(folder: Location, table: str) -> datasets.Manifest | None:
     return datasets.read_manifest(folder, table=table) if folder.join(datasets.MANIFEST_NAME).exists() else None
 
 
+def archive_lease(root: Location, params: NightlyParams) -> tuple[Location, str]:
+    """Where a night holds its archive, and what a refusal calls it."""
+    return root.join("nightly", params.archive.name), f"archive {params.archive.name!r} (one night at a time)"
+
+
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: NightlyParams = step.params
-    lock = Lease(context.root.join("nightly", params.archive.name))
-    lock.acquire(context.run_id, what=f"archive {params.archive.name!r} (one night at a time)")
+    folder, what = archive_lease(context.root, params)
+    lock = Lease(folder)
+    lock.acquire(context.run_id, what=what)
     try:
         return _night(params, context)
     finally:
