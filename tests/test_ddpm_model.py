@@ -16,7 +16,7 @@ from scipy import integrate, stats
 from pipelines.errors import SpecError
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
 from pipelines.models.diffusion.process import Diffusion, _discretized_gaussian_log_likelihood, _normal_kl
-from pipelines.models.diffusion.samplers import _p_sample_step, _respaced, sample, sample_tensor
+from pipelines.models.diffusion.samplers import _p_sample_step, respaced, sample, sample_tensor
 from pipelines.models.diffusion.training import TrainingState, lr_multiplier
 from pipelines.models.diffusion.unet import build_scheduler, build_unet
 
@@ -169,7 +169,7 @@ def test_sampler_matches_diffusers_scheduler(learned):
 
 
 def test_sdas_strength_scales_only_the_noise_term():
-    diffusion, timesteps = _respaced(TINY, 20)
+    diffusion, timesteps = respaced(TINY, 20)
     assert timesteps == list(range(0, 1000, 50))
     g = torch.Generator().manual_seed(0)
     output, x, noise = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))

@@ -38,6 +38,13 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def top_mean(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, H, W) maps -> (B,): the mean of each map's `count` highest values (all, if it has fewer);
+    between `max` (count 1) and `mean` (count H*W)."""
+    flat = maps.flatten(1)
+    return flat.topk(min(count, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
 def image_scores(maps: torch.Tensor, reduction: str) -> torch.Tensor:
     """(B, H, W) maps -> (B,) image scores."""
     if reduction == "max":

@@ -57,6 +57,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "pfm": "pipelines.models.pfm",
     "realnet": "pipelines.models.realnet",
     "resad": "pipelines.models.resad",
+    "diffusion_kl": "pipelines.models.diffusion_kl",
 }
 
 

@@ -18,9 +18,9 @@ is a new module here, not a branch in an existing one:
   learning-rate schedule.
 - `method`: the method contract's implementation (`pipelines.models.methods`): building a U-Net
   from an artifact, the train state the gradient train path drives, what is published.
-
-A scoring module (e.g. anomaly scores from the bound's KL terms) goes here too, beside
-`samplers`, on top of `process`.
+- `scoring`: anomaly maps from a trained network, the per-pixel KL of a reverse step (the
+  `diffusion_kl` detector, `pipelines.models.diffusion_kl`, is built on it). Another way to
+  score (CGDDM's reconstruction) is a module beside it.
 
 This file registers the `ddpm` method (a generator: SDAS anomalies and samples, not a detector)
 and imports only torch-free modules.

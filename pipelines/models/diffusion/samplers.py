@@ -30,7 +30,7 @@ def _respaced_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [i * ratio for i in range(steps)]
 
 
-def _respaced(config: DdpmConfig, steps: int) -> tuple[Diffusion, list[int]]:
+def respaced(config: DdpmConfig, steps: int) -> tuple[Diffusion, list[int]]:
     """The chain over the kept timesteps s_0 < s_1 < ...: beta_i = 1 - ab[s_i] / ab[s_{i-1}] (ab[s_-1]
     = 1), so its cumulative products are the original ab at the kept steps (improved DDPM sec. 4)."""
     timesteps = _respaced_timesteps(config.num_train_timesteps, steps)
@@ -80,7 +80,7 @@ def sample_tensor(model: UNet2DModel, config: DdpmConfig, count: int, steps: int
     if not all(math.isfinite(s) and s >= 0 for s in scales):
         raise ValueError(f"variance_scale (SDAS strength) must be finite numbers >= 0, got {variance_scale}")
     labels = check_class_labels(config, class_labels, count, device)
-    diffusion, timesteps = _respaced(config, steps)
+    diffusion, timesteps = respaced(config, steps)
     shape = (config.in_channels, config.image_size, config.image_size)
     was_training = model.training
     model.eval()

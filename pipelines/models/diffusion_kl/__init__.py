@@ -1,0 +1,115 @@
+"""Noise-removal scoring (Lu et al., ICCV 2023, "Removing Anomalies as Noises for Industrial Defect
+Localization"), `method: diffusion_kl`: a DDPM trained on normal images scores an image by how
+far the network's reverse step from a noised copy of it is from the true posterior, per pixel
+(`pipelines.models.diffusion.scoring`). A detector trained by gradient descent: the same U-Net,
+loss and train step as `method: ddpm` (`pipelines.models.diffusion`); the last `statistics_steps`
+steps also measure the KL maps of the training images, which fix each timestep's normalisation.
+
+Scoring, per image: for each index i of `timesteps` in the `respaced_steps`-step chain (the
+paper's code: {5, 50, 100} of 250), x_i from q(x_i | x0) with noise seeded by the image's id;
+the KL map of that step, standardised by the mean and standard deviation of the training maps
+at i (`normalisation: fit`) or by the image's own (`per_image`, the authors' code; it makes every
+image's map look equally anomalous, so image scores compare images less well); the mean over
+timesteps, smoothed; image score = mean of the `top_pixels` highest pixels (64, the code's).
+
+Not here yet (see the tracker): the feature head (the U-Net predicting the frozen extractor's
+features of x0, whose error the paper mixes into the map with alpha), class-conditional models and
+gradient-denoising explanations. Without the head the map is the KL term alone (alpha = 1).
+
+Torch-free: the parameters and the method record; the model is `pipelines.models.diffusion_kl.model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.errors import SpecError
+from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
+from pipelines.models.methods import GradientTrainingSpec, MethodRecord, register
+from pipelines.spec_fields import check_image_size, check_positive
+
+Normalisation = Literal["fit", "per_image"]
+
+
+@dataclass(frozen=True)
+class DiffusionKlScoring:
+    """How a trained network scores (saved with the weights)."""
+
+    respaced_steps: int = 250  # the chain the timesteps index, as the paper's sampler
+    timesteps: tuple[int, ...] = (5, 50, 100)  # indices into that chain: small, medium, larger noise
+    normalisation: Normalisation = "fit"
+    top_pixels: int = 64  # image score: the mean of this many highest pixels of the map
+    map_sigma: float = 4.0  # Gaussian smoothing of the map in pixels: one noise draw's KL is speckled
+    seed: int = 0  # with the image id, seeds the noise of x_i: a rerun draws the same x_i
+
+    def validate(self, path: str, num_train_timesteps: int = 1000) -> DiffusionKlScoring:
+        if not 2 <= self.respaced_steps <= num_train_timesteps:
+            raise SpecError(f"{path}.respaced_steps", f"must be in 2..{num_train_timesteps} (the model's "
+                                                      f"num_train_timesteps), got {self.respaced_steps}")
+        if not self.timesteps:
+            raise SpecError(f"{path}.timesteps", "needs at least one timestep")
+        for k, index in enumerate(self.timesteps):
+            if not 1 <= index < self.respaced_steps:
+                raise SpecError(f"{path}.timesteps[{k}]", f"must be an index in 1..{self.respaced_steps - 1} "
+                                                          f"of the respaced chain, got {index}")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise SpecError(f"{path}.timesteps", f"has duplicates: {list(self.timesteps)}")
+        if self.normalisation not in ("fit", "per_image"):
+            raise SpecError(f"{path}.normalisation", f"expected 'fit' or 'per_image', got {self.normalisation!r}")
+        check_positive(self.top_pixels, f"{path}.top_pixels")
+        check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
+        check_positive(self.seed, f"{path}.seed", allow_zero=True)
+        return self
+
+
+@dataclass(frozen=True)
+class DiffusionKlConfig:
+    """What the artifact's config.json holds: the U-Net and how it scores."""
+
+    model: DdpmConfig = DdpmConfig()
+    scoring: DiffusionKlScoring = DiffusionKlScoring()
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+
+@dataclass(frozen=True)
+class DiffusionKlParams:
+    """The train step's `diffusion_kl:` block."""
+
+    model: DdpmConfig = DdpmConfig()
+    optim: OptimConfig = OptimConfig()
+    training: GradientTrainingSpec = GradientTrainingSpec()
+    scoring: DiffusionKlScoring = DiffusionKlScoring()
+    # The last `statistics_steps` training steps also compute the KL maps of their batch with the
+    # EMA network (the one published) for the `fit` normalisation.
+    statistics_steps: int = 20
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def artifact(self) -> DiffusionKlConfig:
+        return DiffusionKlConfig(model=self.model, scoring=self.scoring)
+
+    def validate(self, path: str) -> DiffusionKlParams:
+        check_image_size(self.model.image_size, f"{path}.model.image_size", minimum=8)
+        if self.model.num_classes:
+            raise SpecError(f"{path}.model.num_classes", "class-conditional diffusion_kl models are not supported "
+                                                         "yet: one unconditional model over the categories")
+        self.scoring.validate(f"{path}.scoring", self.model.num_train_timesteps)
+        check_positive(self.statistics_steps, f"{path}.statistics_steps")
+        if self.statistics_steps > self.training.steps:
+            raise SpecError(f"{path}.statistics_steps", f"must be at most training.steps ({self.training.steps}), "
+                                                        f"got {self.statistics_steps}")
+        return self
+
+
+METHOD = register(MethodRecord(
+    name="diffusion_kl", role="detector", fit="gradient", params=DiffusionKlParams, artifact_config=DiffusionKlConfig,
+    implementation="pipelines.models.diffusion_kl.model:IMPLEMENTATION",
+    summary="DDPM on normal images; the per-pixel KL of a reverse step from a noised copy of the image",
+    paper="Lu et al., Removing Anomalies as Noises for Industrial Defect Localization, ICCV 2023"))
