@@ -18,11 +18,11 @@ from pipelines.errors import SpecError
 from pipelines.evaluation.metrics import auroc
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
 from pipelines.models.diffusion.samplers import respaced
-from pipelines.models.diffusion.scoring import noised, posterior_kl_maps
+from pipelines.models.diffusion.scoring import noise_for, noised, posterior_kl_maps
 from pipelines.models.diffusion.unet import build_unet
 from pipelines.models.diffusion_kl import DiffusionKlParams, DiffusionKlScoring
 from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
-from pipelines.models.diffusion_kl.model import moments, noise_for
+from pipelines.models.diffusion_kl.model import moments
 from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
@@ -81,12 +81,12 @@ def test_the_kl_of_a_step_is_the_kl_of_the_two_gaussians():
 
 
 def test_noise_is_fixed_by_the_image_id_whatever_its_batch():
-    first = noise_for(["a", "b", "c"], 0, (2, 3, 4, 4))
-    again = noise_for(["c", "a"], 0, (2, 3, 4, 4))
+    first = noise_for(["a", "b", "c"], "p", 0, (2, 3, 4, 4))
+    again = noise_for(["c", "a"], "p", 0, (2, 3, 4, 4))
     torch.testing.assert_close(first[0], again[1], rtol=0, atol=0)
     torch.testing.assert_close(first[2], again[0], rtol=0, atol=0)
     assert not torch.equal(first[0], first[1])
-    assert not torch.equal(first[0], noise_for(["a"], 1, (2, 3, 4, 4))[0])  # the seed redraws
+    assert not torch.equal(first[0], noise_for(["a"], "p", 1, (2, 3, 4, 4))[0])  # the seed redraws
 
 
 def _params(steps: int = 6, statistics_steps: int = 3) -> DiffusionKlParams:

@@ -1,5 +1,5 @@
-"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline), PFM, RealNet and
-ResAD few-shot.
+"""ELPV image AUROC of every detector on the same splits: PaDiM (the baseline), PFM, RealNet,
+ResAD few-shot, and the diffusion detectors diffusion_kl and cgddm.
 
 For each --splits seed the ELPV cells are split exactly as the demo's ingest step splits them
 (`padim_quality.elpv_split`: 60% of the normal cells of each type train, the other normals and
@@ -23,6 +23,9 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   trained for --resad-steps steps on the *other* cell type's synthetic pairs (made as RealNet's),
   then scoring this type from --resad-shots of its normal training cells, no retraining: the
   class-generalisation ResAD is for. Compare it with PaDiM fitted on all of this type's normals.
+- diffusion (`diffusion_scores`): a DDPM (U-Net channels 32-128, learned variance) per cell type,
+  --diffusion-steps steps at --diffusion-size px (the CPU budget: far below the papers' 10k steps
+  at 256 px on GPUs), scored by diffusion_kl and cgddm with their defaults.
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
@@ -96,6 +99,66 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
             for row, high, mean in zip(rows, maps.amax((1, 2)).tolist(), maps.mean((1, 2)).tolist(), strict=True):
                 scores["max"][row["image_id"]] = high
                 scores["mean"][row["image_id"]] = mean
+    return scores, seconds, count
+
+
+def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
+    """({"diffusion_kl" | "cgddm": {image_id: score}}, {method: seconds scoring}, test images scored).
+
+    One DDPM per cell type trained `steps` steps (batch `batch_size`, seeded draws, no rotation)
+    at `size` px, scored by both methods: their training is the same DDPM step (`method: ddpm`'s),
+    so one network serves both here; in a job each method trains its own. diffusion_kl's KL
+    statistics come from the last 50 steps, as its train step gathers them.
+    """
+    import numpy as np
+    import torch
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.models.cgddm import CgddmConfig
+    from pipelines.models.cgddm.model import IMPLEMENTATION as CGDDM
+    from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
+    from pipelines.models.diffusion_kl import DiffusionKlParams
+    from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
+    from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
+
+    network = DdpmConfig(image_size=size, block_out_channels=(32, 64, 64, 128), attention_blocks=(3,),
+                         layers_per_block=1, learned_variance=True)
+    params = DiffusionKlParams(model=network, optim=OptimConfig(lr=2e-4, warmup_steps=100, ema_decay=0.995),
+                               training=GradientTrainingSpec(steps=steps), statistics_steps=min(50, steps)
+                               ).validate("diffusion_kl")
+    scores: dict[str, dict[str, float]] = {"diffusion_kl": {}, "cgddm": {}}
+    seconds = {"diffusion_kl": 0.0, "cgddm": 0.0}
+    count = 0
+    for category in CATEGORIES:
+        train = [r for r in items if r["category"] == category and r["split"] == "train"]
+        test = [r for r in items if r["category"] == category and r["split"] == "test"]
+        pixels = np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in train])
+        context = TrainingContext(class_names=(category,), device="cpu", seed=0)
+        state = DIFFUSION_KL.training_state(params, context)
+        generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+        started = time.perf_counter()
+        for _ in range(steps):
+            chosen = rng.choice(len(train), batch_size, replace=False)
+            state.train_batch(TrainingBatch(pixels=pixels[chosen], categories=np.array([category] * batch_size)),
+                              generator, None)
+        published = DIFFUSION_KL.published(params, context, *state.state_tensors())
+        [tensors] = published.tensors.values()
+        models = {"diffusion_kl": DIFFUSION_KL.build(published.config, tensors).eval(),
+                  "cgddm": CGDDM.build(CgddmConfig(model=network), tensors).eval()}
+        print(f"  ddpm {category}: trained {steps} steps at {size} px in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        for start in range(0, len(test), batch_size):
+            rows = test[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows]))
+            images = batch.permute(0, 3, 1, 2).float().div_(255.0)
+            for name, model in models.items():
+                began = time.perf_counter()
+                result = model.score(images, [r["image_id"] for r in rows])
+                seconds[name] += time.perf_counter() - began
+                for row, value in zip(rows, result.scores.tolist(), strict=True):
+                    scores[name][row["image_id"]] = value
+            count += len(rows)
     return scores, seconds, count
 
 
@@ -283,7 +346,9 @@ def main() -> int:
     parser.add_argument("--realnet-per-image", type=int, default=2)
     parser.add_argument("--resad-steps", type=int, default=600)
     parser.add_argument("--resad-shots", type=int, default=4)
-    parser.add_argument("--detectors", default="padim,pfm,realnet,resad")
+    parser.add_argument("--diffusion-steps", type=int, default=1500)
+    parser.add_argument("--diffusion-size", type=int, default=64)
+    parser.add_argument("--detectors", default="padim,pfm,realnet,resad,diffusion")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -316,18 +381,25 @@ def main() -> int:
                                                              args.realnet_per_image, args.resad_shots)
             rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
             speed.setdefault("resad", []).append(resad_count / resad_seconds)
+        if "diffusion" in detectors:
+            diffusion, diffusion_seconds, diffusion_count = diffusion_scores(items, args.diffusion_steps,
+                                                                             args.batch_size, args.diffusion_size)
+            for name, values in diffusion.items():
+                rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, values)
+                speed.setdefault(name, []).append(diffusion_count / diffusion_seconds[name])
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
-            print(f"split {split} {name:11s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
+            print(f"split {split} {name:18s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
     print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps, RealNet "
-          f"{args.realnet_steps} steps, ResAD {args.resad_steps} steps (trained on the other cell type):")
+          f"{args.realnet_steps} steps, ResAD {args.resad_steps} steps (trained on the other cell type), DDPM "
+          f"{args.diffusion_steps} steps at {args.diffusion_size} px:")
     for name, values in results.items():
         cells = []
         for category in CATEGORIES:
             numbers = [v[category] for v in values]
             spread = statistics.stdev(numbers) if len(numbers) > 1 else float("nan")
             cells.append(f"{category} {statistics.mean(numbers):.4f} +- {spread:.4f}")
-        print(f"  {name:11s} " + "  ".join(cells))
+        print(f"  {name:18s} " + "  ".join(cells))
     print(f"forward images/s (decode excluded, batch {args.batch_size}, {args.threads} threads): "
           + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in speed.items()))
     return 0

@@ -58,6 +58,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "realnet": "pipelines.models.realnet",
     "resad": "pipelines.models.resad",
     "diffusion_kl": "pipelines.models.diffusion_kl",
+    "cgddm": "pipelines.models.cgddm",
 }
 
 

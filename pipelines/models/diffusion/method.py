@@ -72,6 +72,16 @@ def model_config(params: DdpmParams, class_names: tuple[str, ...]) -> DdpmConfig
     return replace(params.model, num_classes=len(class_names) if params.class_conditional else 0)
 
 
+def ema_weights(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The EMA U-Net of a training checkpoint's tensors (what is published), its names under `prefix`."""
+    return {prefix + name[len("ema/"):]: tensor for name, tensor in tensors.items() if name.startswith("ema/")}
+
+
+def unet_from(config: DdpmConfig, tensors: dict[str, torch.Tensor], prefix: str) -> UNet2DModel:
+    """The U-Net whose weights are the `prefix`-named tensors of an artifact (a detector's, beside its own)."""
+    return DdpmImplementation.build(config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 class DdpmImplementation:
     @staticmethod
     def build(config: DdpmConfig, tensors: dict[str, torch.Tensor] | None) -> UNet2DModel:
@@ -98,7 +108,7 @@ class DdpmImplementation:
                   meta: dict[str, Any]) -> Published:
         """The EMA weights of the last checkpoint, under the all-categories key."""
         config = model_config(params, context.class_names)
-        ema = {name[len("ema/"):]: tensor for name, tensor in tensors.items() if name.startswith("ema/")}
+        ema = ema_weights(tensors)
         conditioning = (f"class-conditional over {config.num_classes} classes" if config.num_classes
                         else "unconditional")
         return Published(

@@ -22,9 +22,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pipelines.data.sampling import draw_seed
 from pipelines.models.diffusion.process import Diffusion, _normal_kl
 
 _LOG2 = math.log(2.0)
+
+
+def noise_for(row_ids: Sequence[str], purpose: str, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row b's from a CPU generator seeded by (purpose, seed, row
+    id): an image gets the same noise in any batch, on any worker, in any rerun."""
+    out = torch.empty((len(row_ids), *shape))
+    for row, row_id in enumerate(row_ids):
+        generator = torch.Generator().manual_seed(draw_seed(purpose, seed, row_id))
+        out[row] = torch.randn(shape, generator=generator)
+    return out
 
 
 def noised(diffusion: Diffusion, x0: torch.Tensor, indices: Sequence[int], noise: torch.Tensor) -> torch.Tensor:

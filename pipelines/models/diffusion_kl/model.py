@@ -12,29 +12,18 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from pipelines.data.sampling import draw_seed
 from pipelines.models.anomaly_maps import gaussian_blur, top_mean
 from pipelines.models.artifacts import ALL_CATEGORIES
 from pipelines.models.diffusion.config import DdpmParams
 from pipelines.models.diffusion.method import IMPLEMENTATION as DDPM
-from pipelines.models.diffusion.method import DdpmTrainingState
+from pipelines.models.diffusion.method import DdpmTrainingState, ema_weights, unet_from
 from pipelines.models.diffusion.samplers import respaced
-from pipelines.models.diffusion.scoring import posterior_kl_maps
+from pipelines.models.diffusion.scoring import noise_for, posterior_kl_maps
 from pipelines.models.diffusion_kl import DiffusionKlConfig, DiffusionKlParams
 from pipelines.models.methods import Published, ScoreBatch, TrainingBatch, TrainingContext
 
 _STATISTICS = "kl_statistics"  # (K, 3) float64 sums per timestep: count, sum, sum of squares of the map values
-_NOISE_PURPOSE = "diffusion_kl:noise"
-
-
-def noise_for(row_ids: Sequence[str], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, *shape) standard normal noise, row b's from a CPU generator seeded by (seed, row id): an
-    image gets the same x_i in any batch, on any worker, in any rerun."""
-    out = torch.empty((len(row_ids), *shape))
-    for row, row_id in enumerate(row_ids):
-        generator = torch.Generator().manual_seed(draw_seed(_NOISE_PURPOSE, seed, row_id))
-        out[row] = torch.randn(shape, generator=generator)
-    return out
+_NOISE_PURPOSE = "diffusion_kl:noise"  # with the scoring seed and the image id: the noise of x_i
 
 
 def moments(sums: torch.Tensor) -> torch.Tensor:
@@ -63,7 +52,7 @@ class DiffusionKl(nn.Module):
         """(B, K, S, S) raw KL maps (bits) of images in [0, 1]."""
         scoring = self.config.scoring
         x0 = images.float() * 2 - 1
-        noise = noise_for(row_ids, scoring.seed, (len(scoring.timesteps), *x0.shape[1:])).to(x0.device)
+        noise = noise_for(row_ids, _NOISE_PURPOSE, scoring.seed, (len(scoring.timesteps), *x0.shape[1:])).to(x0.device)
         return posterior_kl_maps(self.unet, self.diffusion, self.timesteps, x0, scoring.timesteps, noise)
 
     def normalised(self, kl: torch.Tensor) -> torch.Tensor:
@@ -168,8 +157,7 @@ class DiffusionKlImplementation:
         if tensors is None:  # untrained: unit moments
             moments_ = torch.tensor([[0.0, 1.0]] * len(config.scoring.timesteps))
             return DiffusionKl(config, DDPM.build(config.model, None), moments_)
-        unet = DDPM.build(config.model, {k[len("unet/"):]: v for k, v in tensors.items() if k.startswith("unet/")})
-        return DiffusionKl(config, unet, tensors["kl_moments"])
+        return DiffusionKl(config, unet_from(config.model, tensors, "unet/"), tensors["kl_moments"])
 
     @staticmethod
     def training_state(params: DiffusionKlParams, context: TrainingContext) -> DiffusionKlTrainingState:
@@ -179,9 +167,9 @@ class DiffusionKlImplementation:
     def published(params: DiffusionKlParams, context: TrainingContext, tensors: dict[str, torch.Tensor],
                   meta: dict[str, Any]) -> Published:
         """The EMA U-Net and the KL moments of the last checkpoint, one model for every category."""
-        ema = {f"unet/{name[len('ema/'):]}": t for name, t in tensors.items() if name.startswith("ema/")}
         return Published(
-            config=params.artifact, tensors={ALL_CATEGORIES: {**ema, "kl_moments": moments(tensors[_STATISTICS])}},
+            config=params.artifact,
+            tensors={ALL_CATEGORIES: {**ema_weights(tensors, "unet/"), "kl_moments": moments(tensors[_STATISTICS])}},
             info={"class_names": list(context.class_names), "steps": meta["step"], "weights": "ema",
                   "statistics_steps": params.statistics_steps},
             summary=DiffusionKlImplementation.describe(params.artifact))
