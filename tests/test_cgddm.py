@@ -200,3 +200,4 @@ def test_cgddm_trains_on_ray_finds_squares_and_reruns_byte_identically(ray_sessi
                      echo=quiet).results["rescore"]
     odd_rows = {r["image_id"]: r for r in datasets.read_table(Location.parse(result.output)).to_pylist()}
     assert len(odd_rows) == 4 and [i for i, r in odd_rows.items() if r["error"]] == ["bad/corrupt.png"]
+
