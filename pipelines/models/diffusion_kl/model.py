@@ -16,7 +16,7 @@ from pipelines.models.anomaly_maps import gaussian_blur, top_mean
 from pipelines.models.artifacts import ALL_CATEGORIES
 from pipelines.models.diffusion.config import DdpmParams
 from pipelines.models.diffusion.method import IMPLEMENTATION as DDPM
-from pipelines.models.diffusion.method import DdpmTrainingState, ema_weights, unet_from
+from pipelines.models.diffusion.method import DdpmTrainingState, ema_weights, to_model_input, unet_from
 from pipelines.models.diffusion.samplers import respaced
 from pipelines.models.diffusion.scoring import noise_for, posterior_kl_maps
 from pipelines.models.diffusion_kl import DiffusionKlConfig, DiffusionKlParams
@@ -115,7 +115,7 @@ class DiffusionKlTrainingState:
 
     def _accumulate(self, batch: TrainingBatch, generator: torch.Generator, autocast_dtype: torch.dtype | None) -> None:
         state = self.ddpm.state
-        x0 = torch.from_numpy(batch.pixels).to(state.device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x0 = to_model_input(batch.pixels, state.device)
         shape = (x0.shape[0], len(self.params.scoring.timesteps), *x0.shape[1:])
         noise = torch.randn(shape, generator=generator, device=generator.device).to(state.device)
         kl = posterior_kl_maps(state.ema, self.diffusion, self.timesteps, x0, self.params.scoring.timesteps, noise,
