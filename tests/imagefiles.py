@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,18 @@ def publish_archive(folder, parts: list[list[tuple[str, bytes, str, str, int | N
     datasets.publish(folder, name=folder.parent().name, version=folder.name, table="images",
                      schema=IMAGES_SCHEMA, parts=records, lineage={})
     return folder
+
+
+def small_elpv(folder: Path, normals: int = 40, defects: int = 10) -> str:
+    """An ELPV-layout folder of real cells (from the elpv-dataset package): the first `normals`
+    normal and `defects` defective monocrystalline ones."""
+    from pipelines.data.sources import elpv_labels, elpv_package_root
+
+    root = elpv_package_root()
+    labels = [row for row in elpv_labels(root) if row[2] == "mono"]
+    chosen = [r for r in labels if r[1] == 0.0][:normals] + [r for r in labels if r[1] == 1.0][:defects]
+    (folder / "images").mkdir(parents=True)
+    for path, _, _ in chosen:
+        shutil.copyfile(root.join(path).path, folder / path)
+    (folder / "labels.csv").write_text("".join(f"{p} {q} {t}\n" for p, q, t in chosen))
+    return str(folder)

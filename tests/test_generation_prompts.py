@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_clip import TINY_CLIP_NAME, save_tiny_clip
 
 from pipelines.errors import InputError
 from pipelines.generation import prompts, wordnet
 from pipelines.storage import Location
-from tiny_clip import TINY_CLIP_NAME, save_tiny_clip
 
 
 @pytest.fixture(scope="module")

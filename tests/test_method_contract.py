@@ -9,7 +9,6 @@ ELPV cells on the embedded Ray; no stage module knows about it.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from imagefiles import small_elpv
 from pipelines import datasets
-from pipelines.data.sources import elpv_labels, elpv_package_root
 from pipelines.errors import InputError, SpecError
 from pipelines.models import methods
 from pipelines.models.artifacts import ModelCard
@@ -111,18 +110,6 @@ def nearest_neighbour():
     yield record
     methods.unregister(NAME)
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def small_elpv(folder) -> str:
-    """An ELPV-layout folder of real cells: 40 normal and 10 defective monocrystalline ones."""
-    root = elpv_package_root()
-    labels = [row for row in elpv_labels(root) if row[2] == "mono"]
-    chosen = [r for r in labels if r[1] == 0.0][:40] + [r for r in labels if r[1] == 1.0][:10]
-    (folder / "images").mkdir(parents=True)
-    for path, _, _ in chosen:
-        shutil.copyfile(root.join(path).path, folder / path)
-    (folder / "labels.csv").write_text("".join(f"{p} {q} {t}\n" for p, q, t in chosen))
-    return str(folder)
 
 
 def pipeline(root: str, source: str, method: str, block: dict) -> dict:

@@ -59,6 +59,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "resad": "pipelines.models.resad",
     "diffusion_kl": "pipelines.models.diffusion_kl",
     "cgddm": "pipelines.models.cgddm",
+    "vqgan": "pipelines.models.vqgan",
 }
 
 
@@ -74,6 +75,7 @@ class MethodRecord:
     artifact_config: type | None = None  # what the artifact's config.json holds; default `params`
     # What a generator's implementation can do for other stages: "sample" (draw images: the sample
     # stage) and "sdas" (sample with RealNet's variance strength s: synthesize's sdas source).
+    # "generate": vary given images (`adapt(model, images, steps, lr, seed)`, `vary(model, images, copies, generator)`).
     # A detector's: "references" (score a category from a few of its normal images, given by the
     # score job's `references:`; the implementation has `with_references(model, images)`).
     capabilities: frozenset[str] = frozenset()

@@ -22,7 +22,7 @@ Adding a kind `foo`:
 
 from __future__ import annotations
 
-from pipelines.params import describe, evaluate, ingest, nightly, sample, score, synthesize, train
+from pipelines.params import describe, evaluate, generate, ingest, nightly, sample, score, synthesize, train
 
 STAGE_PARAMS: dict[str, type] = {
     "ingest": ingest.IngestParams,
@@ -30,6 +30,7 @@ STAGE_PARAMS: dict[str, type] = {
     "train": train.TrainParams,
     "sample": sample.SampleParams,
     "synthesize": synthesize.SynthesizeParams,
+    "generate": generate.GenerateParams,
     "score": score.ScoreParams,
     "evaluate": evaluate.EvaluateParams,
     "nightly": nightly.NightlyParams,

@@ -22,6 +22,7 @@ from pipelines.params.score import ReferencesSpec
 from pipelines.stages.base import StepContext
 from pipelines.stages.calibration import decode_to_driver
 from pipelines.stages.image_batches import select_rows
+from pipelines.storage import Location
 
 
 @dataclass(frozen=True)
@@ -43,37 +44,50 @@ def reference_images(spec: ReferencesSpec, card: ModelCard, context: StepContext
                          "trained on; `references:` needs a method that scores a category from a few of its normal "
                          "images (resad)")
     folder = context.input_dataset(spec)
+    image_ids, pixels = draw_normal_images(folder, spec.category, spec.count, spec.seed, card.image_size, max_pixels,
+                                           split=spec.split, what="reference image", count_field="references.count")
+    threshold = spec.threshold if spec.threshold is not None else leave_one_out_threshold(card, pixels, spec.category)
+    return ReferenceImages(category=spec.category, image_ids=image_ids, pixels=pixels, threshold=threshold,
+                           source=folder.uri)
+
+
+def draw_normal_images(folder: Location, category: str, count: int | None, seed: int, image_size: int,
+                       max_pixels: int, split: str | None = None, what: str = "image",
+                       count_field: str = "count") -> tuple[tuple[str, ...], np.ndarray]:
+    """`count` normal images (label 0) of a category (and split), or all of them with count None,
+    decoded on the driver: (image ids, (count, S, S, 3) uint8), sorted by image id. The draw is a
+    seeded choice over the candidates sorted by image id, so it does not depend on the part layout.
+    An image that cannot be decoded is an InputError naming it, never a smaller set."""
     manifest = datasets.read_manifest(folder, table="images")
 
     def candidates(table: pa.Table) -> np.ndarray:
-        mask = pc.and_(pc.equal(table["category"], spec.category), pc.equal(table["label"], 0)).fill_null(False)
-        if spec.split is not None:
-            mask = pc.and_(mask, pc.equal(table["split"], spec.split)).fill_null(False)
+        mask = pc.and_(pc.equal(table["category"], category), pc.equal(table["label"], 0)).fill_null(False)
+        if split is not None:
+            mask = pc.and_(mask, pc.equal(table["split"], split)).fill_null(False)
         return mask.to_numpy(zero_copy_only=False)
 
     selections, table = select_rows(folder, manifest, candidates)
     ids = table["image_id"].to_pylist() if table.num_rows else []
-    where = f"category {spec.category!r}" + (f", split {spec.split!r}" if spec.split else "")
-    if len(ids) < spec.count:
-        raise InputError(f"{folder.uri} has {len(ids)} normal images of {where}; references.count asks for "
-                         f"{spec.count}")
+    where = f"category {category!r}" + (f", split {split!r}" if split else "")
+    if not ids or (count is not None and len(ids) < count):
+        raise InputError(f"{folder.uri} has {len(ids)} normal images of {where}; {count_field} asks for "
+                         f"{count if count is not None else 'at least one'}")
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-    chosen = set(order[np.sort(np.random.default_rng(spec.seed).choice(len(ids), spec.count, replace=False))].tolist())
+    picked_order = (order if count is None else
+                    order[np.sort(np.random.default_rng(seed).choice(len(ids), count, replace=False))])
     parts, rows = table["_part"].to_numpy(), table["_row"].to_numpy()
     by_part: dict[int, list[int]] = {}
-    for index in sorted(chosen):
+    for index in sorted(set(picked_order.tolist())):
         by_part.setdefault(int(parts[index]), []).append(int(rows[index]))
     picked = [type(s)(s.part, s.location, tuple(sorted(by_part.get(s.part, [])))) for s in selections]
-    decoded = decode_to_driver(picked, card.image_size, max_pixels)
+    decoded = decode_to_driver(picked, image_size, max_pixels)
     bad = [str(i) for i, ok in zip(decoded["image_id"], decoded["ok"], strict=True) if not ok]
     if bad:
-        raise InputError(f"reference image {bad[0]!r} of {folder.uri} cannot be decoded; choose another seed or "
+        raise InputError(f"{what} {bad[0]!r} of {folder.uri} cannot be decoded; choose another seed or "
                          "fix the image")
     order = np.argsort(decoded["image_id"].astype(str), kind="stable")
     pixels = np.ascontiguousarray(decoded["pixels"][order])  # a writable copy (Ray's arrays are read-only)
-    threshold = spec.threshold if spec.threshold is not None else leave_one_out_threshold(card, pixels, spec.category)
-    return ReferenceImages(category=spec.category, image_ids=tuple(str(i) for i in decoded["image_id"][order]),
-                           pixels=pixels, threshold=threshold, source=folder.uri)
+    return tuple(str(i) for i in decoded["image_id"][order]), pixels
 
 
 def leave_one_out_threshold(card: ModelCard, pixels: np.ndarray, category: str) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from pipelines.params import STAGE_PARAMS
-from pipelines.stages import describe, evaluate, ingest, nightly, sample, score, synthesize, train
+from pipelines.stages import describe, evaluate, generate, ingest, nightly, sample, score, synthesize, train
 from pipelines.stages.base import StageKind, StepContext, StepResult
 
 
@@ -33,6 +33,6 @@ def _registry(*modules: ModuleType) -> dict[str, StageKind]:
     return {name: registry[name] for name in STAGE_PARAMS}
 
 
-STAGE_KINDS = _registry(ingest, describe, train, sample, synthesize, score, evaluate, nightly)
+STAGE_KINDS = _registry(ingest, describe, train, sample, synthesize, generate, score, evaluate, nightly)
 
 __all__ = ["STAGE_KINDS", "StageKind", "StepContext", "StepResult"]
