@@ -211,13 +211,16 @@ def test_adapting_lowers_the_error_on_its_inputs_and_leaves_the_model_alone(trai
     model, unseen = trained["model"], trained["unseen"]
     original = model.tensors()
     with torch.inference_mode():  # as a caller holding a loaded model may call it
-        adapted = VQGAN.adapt(model, unseen, 15, 1e-3, seed=0)
-    assert mse(adapted, unseen) < 0.9 * mse(model, unseen), (mse(adapted, unseen), mse(model, unseen))
+        # 1e-4, the stage's default rate. At 1e-3 the gain was only 9% for the model trained with one
+        # torch thread (as in the full suite; threads change float sums, so the trajectory):
+        # 0.00155 -> 0.00140; at 1e-4 it is 0.00155 -> 0.00062 (1 thread), 0.00362 -> 0.00104 (2).
+        adapted = VQGAN.adapt(model, unseen, 15, 1e-4, seed=0)
+    assert mse(adapted, unseen) < 0.8 * mse(model, unseen), (mse(adapted, unseen), mse(model, unseen))
     for name, tensor in model.tensors().items():
         assert torch.equal(tensor, original[name]), name
     changed = {name for name, tensor in adapted.tensors().items() if not torch.equal(tensor, original[name])}
     assert changed and all(name.startswith(("vqmodel.decoder.", "vqmodel.post_quant_conv.")) for name in changed)
-    assert torch.equal(VQGAN.adapt(model, unseen, 15, 1e-3, seed=0).tensors()["vqmodel.decoder.conv_out.weight"],
+    assert torch.equal(VQGAN.adapt(model, unseen, 15, 1e-4, seed=0).tensors()["vqmodel.decoder.conv_out.weight"],
                        adapted.tensors()["vqmodel.decoder.conv_out.weight"])  # deterministic
     assert not any(p.requires_grad for p in adapted.parameters())
 
