@@ -151,7 +151,6 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
             continue
         pending[index] = remote.remote(model_folder, card.record, params, obj.category, pixels, ids,
                                        [c.text for c in candidates])
-    prompt_rows: list[dict[str, Any]] = []
     sheet: list[tuple[np.ndarray, np.ndarray]] = []
     for index, (obj, candidates, ids, pixels) in enumerate(plans):
         if index not in pending:
@@ -171,20 +170,23 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                               "seed": int(result["seeds"][n]), "source_image_id": source, "prompt": prompt,
                               "model_version": card.version}})
         table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+        scored = [{
+            "category": obj.category, "object": obj.word, "prompt": candidate.text, "word": candidate.word,
+            "relation": candidate.relation, "depth": candidate.depth, "synset": candidate.synset,
+            "template": candidate.template,
+            "l2_distance": result["l2_distance"][p] if result["l2_distance"] else None,
+            "cosine": result["cosine"][p] if result["cosine"] else None,
+            "outlier": result["outlier"][p] if result["outlier"] else None,
+            "selected": p == result["prompt_best"], "selection": params.selection}
+            for p, candidate in enumerate(candidates)]
+        # The category's prompt rows travel with its part record, so that prompts.parquet also lists
+        # the categories of parts a resumed run kept rather than recomputed.
         records[index] = datasets.write_part(folder, index, table, fingerprints[index],
                                              extra={"category": obj.category, "best_round": result["best_round"],
-                                                    "round_scores": result["round_scores"]})
-        for p, candidate in enumerate(candidates):
-            prompt_rows.append({
-                "category": obj.category, "object": obj.word, "prompt": candidate.text, "word": candidate.word,
-                "relation": candidate.relation, "depth": candidate.depth, "synset": candidate.synset,
-                "template": candidate.template,
-                "l2_distance": result["l2_distance"][p] if result["l2_distance"] else None,
-                "cosine": result["cosine"][p] if result["cosine"] else None,
-                "outlier": result["outlier"][p] if result["outlier"] else None,
-                "selected": p == result["prompt_best"], "selection": params.selection})
+                                                    "round_scores": result["round_scores"], "prompts": scored})
         sheet.extend((pixels[result["source_index"][n]], result["images"][n])
                      for n in range(min(4, len(result["images"]))))
+    prompt_rows = [row for index in sorted(records) for row in records[index].extra.get("prompts", [])]
     report_folder = context.root.join("runs", context.run_id, "steps", context.step.name)
     if prompt_rows:
         with report_folder.join("prompts.parquet").open_atomic_output() as stream:
