@@ -16,11 +16,13 @@ from imagefiles import corrupt_png, publish_archive, truncated_png, write
 from pipelines import datasets
 from pipelines.errors import SpecError
 from pipelines.evaluation.metrics import auroc
+from pipelines.models.anomaly_maps import gaussian_blur
+from pipelines.models.backbones import FeatureExtractor
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
 from pipelines.models.diffusion.samplers import respaced
 from pipelines.models.diffusion.scoring import noise_for, noised, posterior_kl_maps
 from pipelines.models.diffusion.unet import build_unet
-from pipelines.models.diffusion_kl import DiffusionKlParams, DiffusionKlScoring
+from pipelines.models.diffusion_kl import DiffusionKlConfig, DiffusionKlParams, DiffusionKlScoring, FeatureHead
 from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
 from pipelines.models.diffusion_kl.model import moments
 from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
@@ -89,10 +91,12 @@ def test_noise_is_fixed_by_the_image_id_whatever_its_batch():
     assert not torch.equal(first[0], noise_for(["a"], "p", 1, (2, 3, 4, 4))[0])  # the seed redraws
 
 
-def _params(steps: int = 6, statistics_steps: int = 3) -> DiffusionKlParams:
+def _params(steps: int = 6, statistics_steps: int = 3, head: bool = False, alpha: float = 0.5,
+            stage: int = 1) -> DiffusionKlParams:
     return DiffusionKlParams(model=TINY, optim=OptimConfig(lr=1e-3, ema_decay=0.5),
                              training=GradientTrainingSpec(steps=steps), statistics_steps=statistics_steps,
-                             scoring=DiffusionKlScoring(timesteps=(5, 50), map_sigma=1.0, top_pixels=8)).validate("p")
+                             scoring=DiffusionKlScoring(timesteps=(5, 50), map_sigma=1.0, top_pixels=8, alpha=alpha),
+                             feature_head=FeatureHead(enabled=head, stage=stage)).validate("p")
 
 
 def _batch(seed: int) -> TrainingBatch:
@@ -100,13 +104,15 @@ def _batch(seed: int) -> TrainingBatch:
     return TrainingBatch(pixels=rng.integers(90, 160, (4, 16, 16, 3), dtype=np.uint8), categories=np.array(["a"] * 4))
 
 
-def test_the_last_steps_gather_the_kl_moments_and_a_resumed_state_steps_identically():
+@pytest.mark.parametrize("head", [False, True], ids=["kl", "feature-head"])
+def test_the_last_steps_gather_the_kl_moments_and_a_resumed_state_steps_identically(head):
     context = TrainingContext(class_names=("a",), device="cpu", seed=0)
-    params = _params()
+    params = _params(head=head)
     state = DIFFUSION_KL.training_state(params, context)
     generator = torch.Generator().manual_seed(0)
     for step in range(6):
-        state.train_batch(_batch(step), generator, None)
+        metrics = state.train_batch(_batch(step), generator, None)
+        assert ("feature_mse" in metrics) == head
         gathered = state.kl_sums[0, 0].item()
         assert gathered == (0 if step < 3 else (step - 2) * 4 * 16 * 16), step  # count of map values
     tensors, meta = state.state_tensors()
@@ -114,6 +120,9 @@ def test_the_last_steps_gather_the_kl_moments_and_a_resumed_state_steps_identica
     [model_tensors] = published.tensors.values()
     np.testing.assert_allclose(model_tensors["kl_moments"].numpy(), moments(state.kl_sums).numpy())
     assert (model_tensors["kl_moments"][:, 1] > 0).all()
+    assert ("feature_moments" in model_tensors) == head and any(k.startswith("head/") for k in model_tensors) == head
+    if head:
+        np.testing.assert_allclose(model_tensors["feature_moments"].numpy(), moments(state.sums["feature"]).numpy())
 
     # A checkpoint mid-window resumes to the same weights and the same sums.
     runs = []
@@ -135,8 +144,11 @@ def test_the_last_steps_gather_the_kl_moments_and_a_resumed_state_steps_identica
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
-    other = DIFFUSION_KL.training_state(_params(statistics_steps=2), context)
+    other = DIFFUSION_KL.training_state(_params(statistics_steps=2, head=head), context)
     with pytest.raises(ValueError, match="statistics_steps"):
+        other.load_state_tensors(*state.state_tensors())
+    other = DIFFUSION_KL.training_state(_params(head=not head), context)
+    with pytest.raises(ValueError, match="feature_head"):
         other.load_state_tensors(*state.state_tensors())
 
 
@@ -165,6 +177,106 @@ def test_scoring_is_deterministic_and_finds_a_bright_square():
         model.score(torch.zeros(1, 3, 32, 32), [""])
 
 
+def _trained_with_head(steps: int = 40, alpha: float = 0.5):
+    context = TrainingContext(class_names=("a",), device="cpu", seed=0)
+    params = _params(steps=steps, statistics_steps=5, head=True, alpha=alpha)
+    state = DIFFUSION_KL.training_state(params, context)
+    generator = torch.Generator().manual_seed(0)
+    history = [state.train_batch(_batch(step), generator, None) for step in range(steps)]
+    published = DIFFUSION_KL.published(params, context, *state.state_tensors())
+    [tensors] = published.tensors.values()
+    return state, history, published.config, tensors
+
+
+def _features_by_hand(unet, head_weight, head_bias, x_t, t, size):
+    """The head's prediction recomputed outside `UNetWithFeatureHead`: a hook of the test's own on
+    decoder block 0, the 1x1 convolution as a matrix product, a mean over each feature cell."""
+    caught = []
+    handle = unet.up_blocks[0].register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        with torch.no_grad():
+            unet(x_t, t)
+    finally:
+        handle.remove()
+    [hidden] = caught
+    projected = torch.einsum("oc,bchw->bohw", head_weight[:, :, 0, 0], hidden) + head_bias[None, :, None, None]
+    cell = projected.shape[-1] // size
+    return projected.unflatten(2, (size, cell)).unflatten(4, (size, cell)).mean(dim=(3, 5))
+
+
+def test_the_feature_head_learns_and_its_map_is_the_error_of_the_predicted_features():
+    state, history, config, tensors = _trained_with_head()
+    # The head's loss falls as it learns the features of the training images.
+    assert np.mean([h["feature_mse"] for h in history[-5:]]) < 0.7 * np.mean([h["feature_mse"] for h in history[:5]])
+    model = DIFFUSION_KL.build(config, tensors)
+    images = torch.from_numpy(_batch(99).pixels).permute(0, 3, 1, 2).float() / 255
+    ids = ["a", "b", "c", "d"]
+    maps = model.raw_maps(images, ids)
+    assert maps["kl"].shape == maps["feature"].shape == (4, 2, 16, 16)
+
+    # The feature-error map from first principles: x_i as q(x_i | x0) with the image's noise, the
+    # backbone's features scaled to unit RMS per position, the squared error averaged over channels.
+    diffusion, timesteps = respaced(TINY, 250)
+    x0 = images * 2 - 1
+    noise = noise_for(ids, "diffusion_kl:noise", 0, (2, 3, 16, 16))
+    extractor = FeatureExtractor("efficientnet_lite0", (1,))
+    with torch.no_grad():
+        [target] = extractor(images)
+    target = target / target.pow(2).mean(dim=1, keepdim=True).sqrt()
+    for k, index in enumerate((5, 50)):
+        x_t = noised(diffusion, x0, (index,), noise[:, k:k + 1])[:, 0]
+        predicted = _features_by_hand(model.unet, tensors["head/weight"], tensors["head/bias"], x_t,
+                                      torch.full((4,), timesteps[index]), size=4)
+        error = (predicted - target).pow(2).mean(dim=1, keepdim=True)
+        expected = torch.nn.functional.interpolate(error, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(maps["feature"][:, k], expected, rtol=1e-4, atol=1e-5)
+
+    # The EMA copy (what is published) predicts with its own weights: its hook is its own.
+    ema = state.ddpm.state.ema
+    x_t = noised(diffusion, x0, (5,), noise[:, :1])[:, 0]
+    t = torch.full((4,), timesteps[5])
+    with torch.no_grad():
+        got = ema(x_t, t).features
+    expected = _features_by_hand(ema.unet, ema.head.weight, ema.head.bias, x_t, t, size=4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    # The map: alpha x standardised KL + (1 - alpha) x standardised feature error, averaged over the
+    # timesteps, smoothed; alpha = 1 is exactly the KL-only detector on the same U-Net.
+    kl_m, feature_m = tensors["kl_moments"].numpy(), tensors["feature_moments"].numpy()
+    standard = ((maps["kl"].numpy() - kl_m[None, :, 0, None, None]) / kl_m[None, :, 1, None, None],
+                (maps["feature"].numpy() - feature_m[None, :, 0, None, None]) / feature_m[None, :, 1, None, None])
+    mixed = torch.from_numpy((0.5 * standard[0] + 0.5 * standard[1]).mean(axis=1))
+    torch.testing.assert_close(model.score(images, ids).maps, gaussian_blur(mixed, 1.0), rtol=1e-4, atol=1e-4)
+    kl_only_config = DiffusionKlConfig(model=config.model, scoring=config.scoring)
+    kl_only = DIFFUSION_KL.build(kl_only_config, {k: v for k, v in tensors.items()
+                                                  if not k.startswith("head/") and k != "feature_moments"})
+    alpha_one = DIFFUSION_KL.build(DiffusionKlConfig(model=config.model, feature_head=config.feature_head,
+                                                     scoring=DiffusionKlScoring(**{**vars(config.scoring),
+                                                                                   "alpha": 1.0})), tensors)
+    torch.testing.assert_close(alpha_one.score(images, ids).maps, kl_only.score(images, ids).maps, rtol=0, atol=0)
+
+
+def test_a_model_with_a_feature_head_round_trips_and_finds_a_bright_square():
+    _, _, config, tensors = _trained_with_head()
+    model = DIFFUSION_KL.build(config, tensors)
+    images = torch.from_numpy(_batch(99).pixels).permute(0, 3, 1, 2).float() / 255
+    images[3, :, 4:8, 4:8] = 1.0
+    ids = ["a", "b", "c", "d"]
+    result = model.score(images, ids)
+    assert int(result.scores.argmax()) == 3
+    peak = divmod(int(result.maps[3].argmax()), 16)
+    assert 3 <= peak[0] <= 9 and 3 <= peak[1] <= 9, peak
+    rebuilt = DIFFUSION_KL.build(config, model.tensors())
+    assert model.tensors().keys() == tensors.keys()
+    again = rebuilt.score(images, ids)
+    assert torch.equal(again.scores, result.scores) and torch.equal(again.maps, result.maps)
+    # The feature error alone also ranks the square first: the head's half of the map finds it too.
+    feature_only = DIFFUSION_KL.build(DiffusionKlConfig(model=config.model, feature_head=config.feature_head,
+                                                        scoring=DiffusionKlScoring(**{**vars(config.scoring),
+                                                                                      "alpha": 0.0})), tensors)
+    assert int(feature_only.score(images, ids).scores.argmax()) == 3
+
+
 def test_bad_parameters_are_refused_naming_the_field(file_root):
     def spec(block: dict) -> dict:
         return {"kind": "train", "name": "kl-bad", "storage": {"root": file_root}, "method": "diffusion_kl",
@@ -180,7 +292,17 @@ def test_bad_parameters_are_refused_naming_the_field(file_root):
              ({"statistics_steps": 5000}, r"diffusion_kl\.statistics_steps: must be at most training\.steps"),
              ({"model": {"num_classes": 3}}, r"diffusion_kl\.model\.num_classes"),
              ({"model": {"image_size": 15}}, r"diffusion_kl\.model\.image_size"),
-             ({"class_conditional": True}, r"diffusion_kl\.class_conditional")]
+             ({"class_conditional": True}, r"diffusion_kl\.class_conditional"),
+             ({"scoring": {"alpha": 1.5}}, r"diffusion_kl\.scoring\.alpha: must be in \[0, 1\]"),
+             ({"feature_head": {"enabled": True, "stage": 7}}, r"diffusion_kl\.feature_head\.stage"),
+             ({"feature_head": {"enabled": True, "backbone": "resnet50"}}, r"diffusion_kl\.feature_head\.backbone"),
+             ({"feature_head": {"enabled": True, "weight": -1}}, r"diffusion_kl\.feature_head\.weight"),
+             ({"feature_head": {"enabled": True, "wieght": 1}}, r"diffusion_kl\.feature_head\.wieght"),
+             ({"feature_head": {"enabled": True, "decoder_block": 3}},
+              r"diffusion_kl\.feature_head\.decoder_block: must be a decoder block of the U-Net, 0..2"),
+             ({"model": {"image_size": 16, "block_out_channels": [16, 32]},
+               "feature_head": {"enabled": True, "stage": 4}},
+              r"diffusion_kl\.feature_head\.stage: stage 4 has stride 32")]
     for block, message in cases:
         with pytest.raises(SpecError, match=message):
             parse_spec(spec(block))

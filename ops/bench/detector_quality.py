@@ -25,7 +25,9 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   class-generalisation ResAD is for. Compare it with PaDiM fitted on all of this type's normals.
 - diffusion (`diffusion_scores`): a DDPM (U-Net channels 32-128, learned variance) per cell type,
   --diffusion-steps steps at --diffusion-size px (the CPU budget: far below the papers' 10k steps
-  at 256 px on GPUs), scored by diffusion_kl and cgddm with their defaults.
+  at 256 px on GPUs), scored by diffusion_kl and cgddm with their defaults. With
+  --diffusion-feature-head the U-Net also learns diffusion_kl's feature head, and diffusion_kl is
+  scored at alpha 0.5 (the paper's mix), 1 (the KL alone) and 0 (the feature error alone).
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
@@ -102,14 +104,16 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
     return scores, seconds, count
 
 
-def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int
+def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int, feature_head: bool = False
                      ) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
-    """({"diffusion_kl" | "cgddm": {image_id: score}}, {method: seconds scoring}, test images scored).
+    """({"diffusion_kl" | "cgddm" | ...: {image_id: score}}, {method: seconds scoring}, test images scored).
 
     One DDPM per cell type trained `steps` steps (batch `batch_size`, seeded draws, no rotation)
     at `size` px, scored by both methods: their training is the same DDPM step (`method: ddpm`'s),
     so one network serves both here; in a job each method trains its own. diffusion_kl's KL
-    statistics come from the last 50 steps, as its train step gathers them.
+    statistics come from the last 50 steps, as its train step gathers them. With `feature_head` the
+    U-Net also learns diffusion_kl's feature head (Lite0 stage 2) and diffusion_kl is scored three
+    ways from that one network: alpha 0.5 (the paper's mix), 1 (KL only) and 0 (feature error only).
     """
     import numpy as np
     import torch
@@ -118,17 +122,19 @@ def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int
     from pipelines.models.cgddm import CgddmConfig
     from pipelines.models.cgddm.model import IMPLEMENTATION as CGDDM
     from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
-    from pipelines.models.diffusion_kl import DiffusionKlParams
+    from pipelines.models.diffusion_kl import DiffusionKlConfig, DiffusionKlParams, DiffusionKlScoring, FeatureHead
     from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
     from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
 
     network = DdpmConfig(image_size=size, block_out_channels=(32, 64, 64, 128), attention_blocks=(3,),
                          layers_per_block=1, learned_variance=True)
     params = DiffusionKlParams(model=network, optim=OptimConfig(lr=2e-4, warmup_steps=100, ema_decay=0.995),
-                               training=GradientTrainingSpec(steps=steps), statistics_steps=min(50, steps)
-                               ).validate("diffusion_kl")
-    scores: dict[str, dict[str, float]] = {"diffusion_kl": {}, "cgddm": {}}
-    seconds = {"diffusion_kl": 0.0, "cgddm": 0.0}
+                               training=GradientTrainingSpec(steps=steps), statistics_steps=min(50, steps),
+                               feature_head=FeatureHead(enabled=feature_head)).validate("diffusion_kl")
+    alphas = {"diffusion_kl+head": 0.5, "diffusion_kl (KL only)": 1.0, "diffusion_kl (feature only)": 0.0}
+    names = [*(alphas if feature_head else ["diffusion_kl"]), "cgddm"]
+    scores: dict[str, dict[str, float]] = {name: {} for name in names}
+    seconds = dict.fromkeys(names, 0.0)
     count = 0
     for category in CATEGORIES:
         train = [r for r in items if r["category"] == category and r["split"] == "train"]
@@ -144,8 +150,12 @@ def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int
                               generator, None)
         published = DIFFUSION_KL.published(params, context, *state.state_tensors())
         [tensors] = published.tensors.values()
-        models = {"diffusion_kl": DIFFUSION_KL.build(published.config, tensors).eval(),
-                  "cgddm": CGDDM.build(CgddmConfig(model=network), tensors).eval()}
+        models = {"diffusion_kl": DIFFUSION_KL.build(published.config, tensors).eval()}
+        if feature_head:
+            models = {name: DIFFUSION_KL.build(DiffusionKlConfig(
+                model=network, feature_head=params.feature_head,
+                scoring=DiffusionKlScoring(alpha=alpha)), tensors).eval() for name, alpha in alphas.items()}
+        models["cgddm"] = CGDDM.build(CgddmConfig(model=network), tensors).eval()
         print(f"  ddpm {category}: trained {steps} steps at {size} px in {time.perf_counter() - started:.0f} s",
               flush=True)
         for start in range(0, len(test), batch_size):
@@ -348,6 +358,8 @@ def main() -> int:
     parser.add_argument("--resad-shots", type=int, default=4)
     parser.add_argument("--diffusion-steps", type=int, default=1500)
     parser.add_argument("--diffusion-size", type=int, default=64)
+    parser.add_argument("--diffusion-feature-head", action="store_true",
+                        help="train diffusion_kl's feature head too and score it at alpha 0.5, 1 and 0")
     parser.add_argument("--detectors", default="padim,pfm,realnet,resad,diffusion")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -382,8 +394,8 @@ def main() -> int:
             rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
             speed.setdefault("resad", []).append(resad_count / resad_seconds)
         if "diffusion" in detectors:
-            diffusion, diffusion_seconds, diffusion_count = diffusion_scores(items, args.diffusion_steps,
-                                                                             args.batch_size, args.diffusion_size)
+            diffusion, diffusion_seconds, diffusion_count = diffusion_scores(
+                items, args.diffusion_steps, args.batch_size, args.diffusion_size, args.diffusion_feature_head)
             for name, values in diffusion.items():
                 rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, values)
                 speed.setdefault(name, []).append(diffusion_count / diffusion_seconds[name])

@@ -5,7 +5,7 @@ finished run publishes (the EMA weights). Pure torch; no Ray.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from pipelines.models.artifacts import ALL_CATEGORIES
 from pipelines.models.diffusion import samplers
 from pipelines.models.diffusion.config import DdpmConfig, DdpmParams
+from pipelines.models.diffusion.process import AuxiliaryLoss
 from pipelines.models.diffusion.training import TrainingState
 from pipelines.models.diffusion.unet import build_scheduler, build_unet
 from pipelines.models.methods import Published, TrainingBatch, TrainingContext
@@ -30,11 +31,12 @@ class DdpmTrainingState:
     """`TrainingState` of the contract: categories become class labels when the model is
     class-conditional; the U-Net's own `TrainingState` does the step and the checkpoint."""
 
-    def __init__(self, params: DdpmParams, context: TrainingContext):
+    def __init__(self, params: DdpmParams, context: TrainingContext,
+                 build: Callable[[DdpmConfig], torch.nn.Module] = build_unet):
         self.config = model_config(params, context.class_names)
         self.classes = {name: index for index, name in enumerate(context.class_names)}
         self.state = TrainingState(self.config, params.optim, params.training.steps, device=context.device,
-                                   seed=params.training.seed)
+                                   seed=params.training.seed, build=build)
 
     @property
     def step(self) -> int:
@@ -52,13 +54,15 @@ class DdpmTrainingState:
     def forward_model(self, model: torch.nn.Module) -> None:
         self.state.forward_model = model
 
-    def train_batch(self, batch: TrainingBatch, generator: torch.Generator,
-                    autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    def train_batch(self, batch: TrainingBatch, generator: torch.Generator, autocast_dtype: torch.dtype | None,
+                    auxiliary: Callable[[torch.Tensor], AuxiliaryLoss] | None = None) -> dict[str, float]:
+        """One step; `auxiliary`, given the batch as model input, makes the step's extra loss terms."""
         device = self.state.device
         labels = (torch.tensor([self.classes[c] for c in batch.categories], device=device)
                   if self.config.num_classes else None)
-        return self.state.train_step(to_model_input(batch.pixels, device), labels, generator,
-                                     autocast_dtype=autocast_dtype)
+        images = to_model_input(batch.pixels, device)
+        return self.state.train_step(images, labels, generator, autocast_dtype=autocast_dtype,
+                                     auxiliary=auxiliary(images) if auxiliary else None)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self.state.state_tensors()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +25,9 @@ from pipelines.models.diffusion.config import DdpmConfig
 from pipelines.models.diffusion.unet import build_scheduler
 
 _LOG2 = math.log(2.0)
+
+# Extra loss terms from the same forward as the noise loss: output object -> {name: (weight, loss)}.
+AuxiliaryLoss = Callable[[Any], dict[str, tuple[float, torch.Tensor]]]
 
 
 def _normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
@@ -140,14 +145,16 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model: nn.Module, x0: torch.Tensor, class_labels: torch.Tensor | None,
-                        generator: torch.Generator, *,
-                        autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{"loss", "mse", "vlb"}, each a scalar averaged over the batch.
+                        generator: torch.Generator, *, autocast_dtype: torch.dtype | None = None,
+                        auxiliary: AuxiliaryLoss | None = None) -> dict[str, torch.Tensor]:
+        """{"loss", "mse", "vlb"}, each a scalar averaged over the batch, and the `auxiliary` terms.
 
         t ~ U{0..T-1} and the noise are drawn from `generator` (on its device). "vlb" is the
         one-sample estimate T * L_t of the whole bound L_vlb = sum_t L_t (bits/dim, improved DDPM's
         definition), so `vlb_weight` is the paper's lambda: loss = mse + lambda * vlb. It is
         computed with the predicted mean detached, so it trains only the variance channels.
+        `auxiliary`, given the network's output object (a second head's prediction from the same
+        forward), returns {name: (weight, loss)}: each loss is reported and weight x loss added.
         """
         batch = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device).to(x0.device)
@@ -155,8 +162,8 @@ class Diffusion:
         xt = self.q_sample(x0, t, noise)
         autocast = torch.autocast(xt.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with autocast:
-            output = model(xt, t, class_labels=class_labels).sample
-        output = output.float()  # the losses run in float32 whatever the forward ran in
+            result = model(xt, t, class_labels=class_labels)
+        output = result.sample.float()  # the losses run in float32 whatever the forward ran in
         eps = output[:, : x0.shape[1]]
         mse = _mean_over_pixels((noise - eps) ** 2).mean()
         if self.config.learned_variance:
@@ -164,4 +171,8 @@ class Diffusion:
             vlb = self._vlb_terms(frozen, x0, xt, t).mean() * self.num_timesteps
         else:
             vlb = torch.zeros((), device=x0.device)
-        return {"loss": mse + self.config.vlb_weight * vlb, "mse": mse, "vlb": vlb}
+        losses = {"loss": mse + self.config.vlb_weight * vlb, "mse": mse, "vlb": vlb}
+        for name, (weight, value) in (auxiliary(result) if auxiliary else {}).items():
+            losses[name] = value
+            losses["loss"] = losses["loss"] + weight * value
+        return losses

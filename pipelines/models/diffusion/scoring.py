@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,40 @@ def noised(diffusion: Diffusion, x0: torch.Tensor, indices: Sequence[int], noise
 
 
 @torch.no_grad()
+def reverse_step_outputs(model: nn.Module, diffusion: Diffusion, timesteps: Sequence[int], x0: torch.Tensor,
+                         indices: Sequence[int], noise: torch.Tensor,
+                         autocast_dtype: torch.dtype | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(the network's output object, x_i, i) for every image and respaced index i of `indices`
+    (each >= 1), flattened image-major to B*K rows: x_i as `noised`, the network called once with
+    timesteps[i]. The output object is the network's own (`.sample`, and `.features` for a U-Net
+    with a feature head), its tensors in whatever dtype the network ran in."""
+    if any(not 1 <= i < diffusion.num_timesteps for i in indices):
+        raise ValueError(f"indices must be in 1..{diffusion.num_timesteps - 1}, got {list(indices)}")
+    batch = x0.shape[0]
+    xt = noised(diffusion, x0, indices, noise).flatten(0, 1)
+    index = torch.as_tensor(list(indices), dtype=torch.long, device=x0.device).repeat(batch)
+    model_t = torch.as_tensor([timesteps[i] for i in indices], dtype=torch.long, device=x0.device).repeat(batch)
+    # None: no autocast of its own (an enclosing one, e.g. a benchmark's, still applies)
+    autocast = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with autocast:
+        output = model(xt, model_t)
+    return output, xt, index
+
+
+def kl_from_outputs(diffusion: Diffusion, x0: torch.Tensor, xt: torch.Tensor, index: torch.Tensor,
+                    output: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) float32 per-pixel KL in bits from `reverse_step_outputs`' rows and the U-Net's
+    output tensor (`.sample`); K = rows / B."""
+    count = xt.shape[0] // x0.shape[0]
+    output = output.float()  # the KL of small differences in float32 whatever the U-Net ran in
+    repeated = x0.repeat_interleave(count, dim=0)
+    true_mean, _, true_log_variance = diffusion.posterior_mean_variance(repeated, xt, index)
+    mean, _, log_variance, _ = diffusion.p_mean_variance(output, xt, index)
+    kl = _normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=1) / _LOG2
+    return kl.view(x0.shape[0], count, *x0.shape[-2:])
+
+
+@torch.no_grad()
 def posterior_kl_maps(model: nn.Module, diffusion: Diffusion, timesteps: Sequence[int], x0: torch.Tensor,
                       indices: Sequence[int], noise: torch.Tensor,
                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -59,19 +94,5 @@ def posterior_kl_maps(model: nn.Module, diffusion: Diffusion, timesteps: Sequenc
     `diffusion` is the respaced chain and `timesteps` its training timesteps (`samplers.respaced`):
     the network is called with timesteps[i]. x0 in [-1, 1]; noise as `noised`.
     """
-    if any(not 1 <= i < diffusion.num_timesteps for i in indices):
-        raise ValueError(f"indices must be in 1..{diffusion.num_timesteps - 1}, got {list(indices)}")
-    batch, count = x0.shape[0], len(indices)
-    xt = noised(diffusion, x0, indices, noise).flatten(0, 1)
-    index = torch.as_tensor(list(indices), dtype=torch.long, device=x0.device).repeat(batch)
-    model_t = torch.as_tensor([timesteps[i] for i in indices], dtype=torch.long, device=x0.device).repeat(batch)
-    # None: no autocast of its own (an enclosing one, e.g. a benchmark's, still applies)
-    autocast = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with autocast:
-        output = model(xt, model_t).sample
-    output = output.float()  # the KL of small differences in float32 whatever the U-Net ran in
-    repeated = x0.repeat_interleave(count, dim=0)
-    true_mean, _, true_log_variance = diffusion.posterior_mean_variance(repeated, xt, index)
-    mean, _, log_variance, _ = diffusion.p_mean_variance(output, xt, index)
-    kl = _normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=1) / _LOG2
-    return kl.view(batch, count, *x0.shape[-2:])
+    output, xt, index = reverse_step_outputs(model, diffusion, timesteps, x0, indices, noise, autocast_dtype)
+    return kl_from_outputs(diffusion, x0, xt, index, output.sample)

@@ -13,13 +13,13 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
-from pipelines.models.diffusion.process import Diffusion
+from pipelines.models.diffusion.process import AuxiliaryLoss, Diffusion
 from pipelines.models.diffusion.unet import build_unet, check_class_labels
 from pipelines.models.optimizer_state import optimizer_tensor_names, optimizer_tensors, restore_optimizer
 
@@ -58,7 +58,8 @@ _META_FORMAT = "adpipe.ddpm-train/1"
 class TrainingState:
     """Model, EMA copy, optimizer and step counter: what one train step changes and a checkpoint holds."""
 
-    def __init__(self, config: DdpmConfig, optim: OptimConfig, total_steps: int, device: str = "cpu", seed: int = 0):
+    def __init__(self, config: DdpmConfig, optim: OptimConfig, total_steps: int, device: str = "cpu", seed: int = 0,
+                 build: Callable[[DdpmConfig], nn.Module] = build_unet):
         self.config = config.validate("model")
         self.optim = optim.validate("optim")
         if total_steps < 1:
@@ -66,13 +67,14 @@ class TrainingState:
         self.total_steps = total_steps
         self.device = torch.device(device)
         # Built on the CPU from `seed` so that every rank starts from the same weights; the fork
-        # keeps the caller's global generator untouched.
+        # keeps the caller's global generator untouched. `build` may wrap the U-Net (a detector's
+        # extra head): whatever it returns is trained, averaged and checkpointed as one module.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = build_unet(config)
-        self.module: UNet2DModel = module.to(self.device).train()
+            module = build(config)
+        self.module: nn.Module = module.to(self.device).train()
         self.forward_model: nn.Module = self.module  # the Ray glue swaps in a DDP wrapper
-        self.ema: UNet2DModel = copy.deepcopy(self.module).eval().requires_grad_(False)
+        self.ema: nn.Module = copy.deepcopy(self.module).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
         )
@@ -80,9 +82,10 @@ class TrainingState:
         self.step = 0
 
     def train_step(self, images: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator,
-                   autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                   autocast_dtype: torch.dtype | None = None,
+                   auxiliary: AuxiliaryLoss | None = None) -> dict[str, float]:
         """One optimizer step on images in [-1, 1], (B, C, H, W). Random draws (t, noise, dropout)
-        come from `generator` only."""
+        come from `generator` only; `auxiliary` as `Diffusion.training_losses`."""
         images = images.to(self.device, torch.float32)
         low, high = torch.aminmax(images)
         if low < -1 or high > 1:
@@ -98,7 +101,7 @@ class TrainingState:
             rng = _global_rng_seeded(seed, self.device)
         with rng:
             losses = self.diffusion.training_losses(self.forward_model, images, class_labels, generator,
-                                                    autocast_dtype=autocast_dtype)
+                                                    autocast_dtype=autocast_dtype, auxiliary=auxiliary)
         losses["loss"].backward()
         parameters = list(self.module.parameters())
         if self.optim.grad_clip > 0:
@@ -115,8 +118,8 @@ class TrainingState:
         decay = self.optim.ema_decay
         for ema, live in zip(self.ema.parameters(), self.module.parameters(), strict=True):
             ema.lerp_(live, 1.0 - decay)
-        for ema, live in zip(self.ema.buffers(), self.module.buffers(), strict=True):
-            ema.copy_(live)
+        for ema_buffer, live_buffer in zip(self.ema.buffers(), self.module.buffers(), strict=True):
+            ema_buffer.copy_(live_buffer)
 
     # ---- checkpoints ----
 

@@ -12,9 +12,14 @@ at i (`normalisation: fit`) or by the image's own (`per_image`, the authors' cod
 image's map look equally anomalous, so image scores compare images less well); the mean over
 timesteps, smoothed; image score = mean of the `top_pixels` highest pixels (64, the code's).
 
-Not here yet (see the tracker): the feature head (the U-Net predicting the frozen extractor's
-features of x0, whose error the paper mixes into the map with alpha), class-conditional models and
-gradient-denoising explanations. Without the head the map is the KL term alone (alpha = 1).
+The feature head (`feature_head: {enabled: true}`, the paper's second branch): a 1x1 convolution
+on one decoder block of the same U-Net predicts the frozen backbone's features of x0 from x_i
+(trained with an extra MSE, weight 1), and the error of that prediction is a second map, normalised
+as the KL is; the map is `alpha` x KL + (1 - alpha) x feature error (alpha 0.5, the paper's). The
+KL sees pixel-level changes the network "removes"; the feature error sees changes of texture and
+structure the backbone's receptive field spans. Without the head the map is the KL alone.
+
+Not here yet (see the tracker): class-conditional models and gradient-denoising explanations.
 
 Torch-free: the parameters and the method record; the model is `pipelines.models.diffusion_kl.model`.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.errors import SpecError
+from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone
 from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
 from pipelines.models.methods import GradientTrainingSpec, MethodRecord, register
 from pipelines.spec_fields import check_image_size, check_positive
@@ -42,6 +48,9 @@ class DiffusionKlScoring:
     top_pixels: int = 64  # image score: the mean of this many highest pixels of the map
     map_sigma: float = 4.0  # Gaussian smoothing of the map in pixels: one noise draw's KL is speckled
     seed: int = 0  # with the image id, seeds the noise of x_i: a rerun draws the same x_i
+    # With a feature head: the weight of the KL map against the feature-error map (the paper's 0.5);
+    # both are standardised first, so 0.5 weighs them equally. Unused without a head.
+    alpha: float = 0.5
 
     def validate(self, path: str, num_train_timesteps: int = 1000) -> DiffusionKlScoring:
         if not 2 <= self.respaced_steps <= num_train_timesteps:
@@ -60,7 +69,48 @@ class DiffusionKlScoring:
         check_positive(self.top_pixels, f"{path}.top_pixels")
         check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
         check_positive(self.seed, f"{path}.seed", allow_zero=True)
+        if not 0 <= self.alpha <= 1:
+            raise SpecError(f"{path}.alpha", f"must be in [0, 1] (1: the KL map alone), got {self.alpha}")
         return self
+
+
+@dataclass(frozen=True)
+class FeatureHead:
+    """The U-Net's second output: the frozen backbone's features of x0 at `stage`, predicted from
+    x_i by a 1x1 convolution on the output of decoder block `decoder_block` (0 = the deepest),
+    resampled to the feature map's size. Targets are unit-RMS per position (every channel vector
+    scaled to root-mean-square 1), so that the MSE's `weight` means the same for any backbone or stage."""
+
+    enabled: bool = False
+    backbone: str = "efficientnet_lite0"
+    stage: int = 2  # timm feature index; 2 = stride 8, 40 channels on Lite0: 8x8 at 64 px
+    decoder_block: int = 0
+    weight: float = 1.0  # of the feature MSE in the loss, beside the noise MSE (the paper's 1)
+
+    @property
+    def channels(self) -> int:
+        return STAGE_CHANNELS[self.backbone][self.stage]
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (self.stage + 1)
+
+    def validate(self, path: str) -> FeatureHead:
+        check_backbone(self.backbone, f"{path}.backbone")
+        if self.stage not in range(5):
+            raise SpecError(f"{path}.stage", f"must be a feature stage in 0..4 (strides 2..32), got {self.stage}")
+        check_positive(self.weight, f"{path}.weight", allow_zero=True)
+        return self
+
+    def check_fits(self, model: DdpmConfig, path: str) -> None:
+        """The head needs a decoder block to sit on and a feature map of at least 1x1."""
+        if not 0 <= self.decoder_block < len(model.block_out_channels):
+            last = len(model.block_out_channels) - 1
+            raise SpecError(f"{path}.decoder_block", f"must be a decoder block of the U-Net, 0..{last} "
+                                                     f"(0 = the deepest), got {self.decoder_block}")
+        if model.image_size < self.stride:
+            raise SpecError(f"{path}.stage", f"stage {self.stage} has stride {self.stride}, more than the "
+                                             f"{model.image_size} px image: pick a smaller stage")
 
 
 @dataclass(frozen=True)
@@ -69,6 +119,7 @@ class DiffusionKlConfig:
 
     model: DdpmConfig = DdpmConfig()
     scoring: DiffusionKlScoring = DiffusionKlScoring()
+    feature_head: FeatureHead = FeatureHead()
 
     @property
     def image_size(self) -> int:
@@ -83,8 +134,10 @@ class DiffusionKlParams:
     optim: OptimConfig = OptimConfig()
     training: GradientTrainingSpec = GradientTrainingSpec()
     scoring: DiffusionKlScoring = DiffusionKlScoring()
+    feature_head: FeatureHead = FeatureHead()
     # The last `statistics_steps` training steps also compute the KL maps of their batch with the
-    # EMA network (the one published) for the `fit` normalisation.
+    # EMA network (the one published) for the `fit` normalisation (and the feature-error maps,
+    # with a head).
     statistics_steps: int = 20
 
     @property
@@ -93,7 +146,7 @@ class DiffusionKlParams:
 
     @property
     def artifact(self) -> DiffusionKlConfig:
-        return DiffusionKlConfig(model=self.model, scoring=self.scoring)
+        return DiffusionKlConfig(model=self.model, scoring=self.scoring, feature_head=self.feature_head)
 
     def validate(self, path: str) -> DiffusionKlParams:
         check_image_size(self.model.image_size, f"{path}.model.image_size", minimum=8)
@@ -101,6 +154,8 @@ class DiffusionKlParams:
             raise SpecError(f"{path}.model.num_classes", "class-conditional diffusion_kl models are not supported "
                                                          "yet: one unconditional model over the categories")
         self.scoring.validate(f"{path}.scoring", self.model.num_train_timesteps)
+        if self.feature_head.enabled:
+            self.feature_head.check_fits(self.model, f"{path}.feature_head")
         check_positive(self.statistics_steps, f"{path}.statistics_steps")
         if self.statistics_steps > self.training.steps:
             raise SpecError(f"{path}.statistics_steps", f"must be at most training.steps ({self.training.steps}), "
