@@ -70,6 +70,8 @@ class ExampleImage:
     score: float
     label: int | None                # 0 normal, 1 anomalous, None unknown
     category: str | None
+    explanation: bytes | None = None  # PNG strip of a gradient-denoising reconstruction, shown beside
+    explanation_note: str = ""  # e.g. PaDiM's distance from the first frame to the last
 
     def __post_init__(self) -> None:
         image = _frozen_array(self.image, f"image {self.image_id!r}", ndim=3)
@@ -303,8 +305,11 @@ def example_figure_html(example: ExampleImage) -> str:
                f"score {format_metric(example.score)} · {format_label(example.label)}{note}"]
     if example.category is not None:
         caption.append(html.escape(example.category))
-    return (f"<figure>{img_tag(array_png(thumbnail(shown)), example.image_id)}"
-            f"<figcaption>{'<br>'.join(caption)}</figcaption></figure>")
+    pictures = img_tag(array_png(thumbnail(shown)), example.image_id)
+    if example.explanation is not None:
+        caption.append(f"gradient denoising, input to last step: {html.escape(example.explanation_note)}")
+        pictures += img_tag(example.explanation, f"gradient denoising of {example.image_id}")
+    return f"<figure>{pictures}<figcaption>{'<br>'.join(caption)}</figcaption></figure>"
 
 
 def examples_grid_html(examples: list[ExampleImage]) -> str:

@@ -6,11 +6,14 @@ type within each category (that type's anomalies against all the category's norm
 limit 0.3 by default) where the images dataset has ground-truth masks and the scores carry
 anomaly maps. The metric code is `pipelines.evaluation.metrics`; the report is
 `pipelines.evaluation.report`. Scores tables are small (no pixels), so this runs on the driver.
+With `explain:`, the report's most anomalous images also get gradient-denoising reconstructions
+(`pipelines.stages.explanations`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from pipelines.models.inference import decode_map
 from pipelines.params.evaluate import EvaluateParams
 from pipelines.spec import StepSpec
 from pipelines.stages.base import StageKind, StepContext, StepResult
+from pipelines.stages.explanations import Explained, check_models, explain
 from pipelines.storage import Location
 
 METRIC_NAMES = ("image_auroc", "image_f1_max", "pixel_auroc", "aupro")
@@ -174,12 +178,30 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         values = [m[name] for m in per_category.values() if m[name] is not None and not math.isnan(m[name])]
         mean[name] = float(np.mean(values)) if values else None
 
+    explain_cards = check_models(params.explain, context) if params.explain is not None else None  # fail early
     anomalous_examples, normal_examples = _examples(table, images, params.anomalous_examples,
                                                     params.normal_examples, params.seed)
     out = context.record.folder.join("steps", step.name)
+    explained: list[Explained] = []
+    notes: list[str] = []
+    if params.explain is not None and explain_cards is not None:
+        shown = anomalous_examples[:params.explain.count]
+        encoded = _read_images(images, {e.image_id for e in shown}, ["image"])
+        explained, notes = explain(params.explain, explain_cards,
+                                   [(e.image_id, e.category, encoded[e.image_id]["image"]) for e in shown],
+                                   out.join("explanations"))
+        by_id = {e.image_id: e for e in explained}
+        anomalous_examples = [
+            replace(e, explanation=by_id[e.image_id].strip_png,
+                    explanation_note=f"PaDiM mean distance {by_id[e.image_id].distances[0]:.1f} -> "
+                                     f"{by_id[e.image_id].distances[-1]:.1f}")
+            if e.image_id in by_id else e for e in anomalous_examples]
     result = {"scores": scores_folder.uri, "images": images.uri, "model": manifest.extra.get("model"),
               "per_category": per_category, "mean": mean, "fpr_limit": params.fpr_limit,
               "excluded": {"errors": skipped_errors, "unknown_label": unlabelled},
+              "explanations": [{"image_id": e.image_id, "gif": e.gif_uri, "strip": e.strip_uri,
+                                "steps": list(e.steps), "padim_distances": list(e.distances)} for e in explained],
+              "explanation_notes": notes,
               "lineage": context.lineage(input=scores_folder.uri)}
     html = render_report(
         title=f"adpipe evaluation: {manifest.extra.get('model', '')} on {manifest.name}",
@@ -205,6 +227,9 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
                              + " " * 42 + f" {figures['anomalous']:>7} anomalous")
     lines.append(f"  {'mean':<12} " + " ".join(f"{fmt(mean[n]):>13}" for n in METRIC_NAMES))
     lines.append(f"  left out: {skipped_errors} rows with errors, {unlabelled} with unknown labels")
+    if params.explain is not None:
+        lines.append(f"  explained {len(explained)} images by gradient denoising -> {out.join('explanations').uri}")
+        lines.extend(f"    {note}" for note in notes)
     lines.append(f"  report: {out.join('report.html').uri}")
     lines.append(f"  metrics: {out.join('metrics.json').uri}")
     return StepResult(output=out.uri, rows=table.num_rows, details={"mean": mean, "per_category": per_category},

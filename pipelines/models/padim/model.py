@@ -103,6 +103,10 @@ class Padim(nn.Module):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in [0, 1] -> embedding (B, kept_channels, S/stride, S/stride)."""
+        return self.embed_differentiably(images)
+
+    def embed_differentiably(self, images: torch.Tensor) -> torch.Tensor:
+        """`embed` outside inference mode: gradients reach the images (the backbone stays frozen)."""
         if images.shape[-2:] != (self.config.image_size, self.config.image_size):
             raise ValueError(f"PaDiM expects {self.config.image_size}x{self.config.image_size} inputs, "
                              f"got {tuple(images.shape[-2:])}")
@@ -116,18 +120,32 @@ class Padim(nn.Module):
         self.mean = mean.to(self.channel_indices.device)
         self.inverse_covariance = inverse.to(self.channel_indices.device)
 
+    def squared_distances(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) float32 squared Mahalanobis distance of each position's embedding to its
+        Gaussian, from `embed`'s (B, D, h, w). Always in float32: it subtracts nearly equal numbers."""
+        with torch.autocast(embedding.device.type, enabled=False):
+            b, d, h, w = embedding.shape
+            delta = embedding.float().reshape(b, d, h * w).permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, D)
+            squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1).clamp_min(0)  # (P, B)
+            return squared.T.reshape(b, 1, h, w)
+
+    def mean_distance(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) mean Mahalanobis distance over the positions, differentiable in the images (in [0, 1],
+        any size: resized to the model's bilinearly): what gradient denoising descends."""
+        size = self.config.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        squared = self.squared_distances(self.embed_differentiably(images))
+        return squared.clamp_min(1e-12).sqrt().flatten(1).mean(dim=1)  # clamped: sqrt's gradient at 0
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image scores (B,), anomaly maps (B, S, S)), float32."""
         if not self.fitted:
             raise RuntimeError("PaDiM model is not fitted")
         embedding = self.embed(images)  # under the caller's autocast, if any (e.g. bf16 on a GPU)
-        # Distances always in float32: a Mahalanobis distance subtracts nearly equal numbers.
         with torch.autocast(embedding.device.type, enabled=False):
-            b, d, h, w = embedding.shape
-            delta = embedding.reshape(b, d, h * w).permute(2, 0, 1) - self.mean[:, None, :]  # (P, B, D)
-            squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1).clamp_min(0)  # (P, B)
-            distance = squared.sqrt().T.reshape(b, 1, h, w)
+            distance = self.squared_distances(embedding).sqrt()
             maps = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             maps = gaussian_blur(maps, self.config.map_sigma)
         return image_scores(maps, self.config.image_score), maps
