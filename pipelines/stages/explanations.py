@@ -10,10 +10,12 @@ silently.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipelines.data.preprocess import decode_rgb
 from pipelines.errors import InputError
 from pipelines.models.artifacts import ModelCard
+from pipelines.models.diffusion.config import DdpmConfig
 from pipelines.params.evaluate import ExplainSpec
 from pipelines.stages.base import StepContext
 from pipelines.storage import Location
@@ -31,6 +33,11 @@ class Explained:
     steps: tuple[int, ...]
 
 
+def unet_config(method: str, config: Any) -> DdpmConfig:
+    """The U-Net's config of a diffusion artifact: a ddpm's is its config, a detector's sits under `.model`."""
+    return config if method == "ddpm" else config.model
+
+
 def check_models(spec: ExplainSpec, context: StepContext) -> tuple[ModelCard, ModelCard]:
     """Both models' cards, refused early (before any image is read) when they are not what `explain` needs."""
     padim = ModelCard.read(context.input_dataset(spec.padim))
@@ -41,7 +48,7 @@ def check_models(spec: ExplainSpec, context: StepContext) -> tuple[ModelCard, Mo
     if diffusion.method not in DIFFUSION_METHODS:
         raise InputError(f"explain.diffusion: {diffusion.folder.uri} is a {diffusion.method!r} model; the "
                          f"denoising step needs one of {', '.join(DIFFUSION_METHODS)}")
-    network = diffusion.config if diffusion.method == "ddpm" else diffusion.config.model
+    network = unet_config(diffusion.method, diffusion.config)
     if network.num_classes:
         raise InputError(f"explain.diffusion: {diffusion.folder.uri} is class-conditional; gradient denoising "
                          "needs an unconditional model")
@@ -75,7 +82,7 @@ def explain(spec: ExplainSpec, cards: tuple[ModelCard, ModelCard], chosen: list[
             continue
         padim, network = padims.models[padim_key], diffusions.models[diffusion_key]
         unet = network if diffusions.method == "ddpm" else network.unet
-        config = diffusions.config if diffusions.method == "ddpm" else diffusions.config.model
+        config = unet_config(diffusions.method, diffusions.config)
         pixels = torch.from_numpy(np.array(decode_rgb(encoded, size))).permute(2, 0, 1)[None].float() / 255
         result = gradient_denoise(pixels, padim.mean_distance, denoiser(unet, config, settings), settings)
         frames = result.frames[:, 0]
