@@ -84,14 +84,10 @@ class ModelCard:
         """Download the tensors and build every category's model, on `device`, in eval mode."""
         from safetensors.torch import load as load_safetensors
 
-        implementation = self.record.load()
         tensors = load_safetensors(self.folder.join("model.safetensors").read_bytes())
-        models = {}
-        for key in self.categories:
-            prefix = f"{key}/"
-            own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-            models[key] = implementation.build(self.config, own).to(device).eval()
-        return TrainedModels(method=self.method, config=self.config, models=models,
+        by_key = {key: renamed(tensors, f"{key}/") for key in self.categories}
+        return TrainedModels(method=self.method, config=self.config,
+                             models=build_models(self.record.load(), self.config, by_key, device),
                              thresholds=dict(self.thresholds), info=self.info)
 
 
@@ -122,6 +118,17 @@ class TrainedModels:
     @classmethod
     def load(cls, folder: Location, device: str = "cpu") -> TrainedModels:
         return ModelCard.read(folder).load(device)
+
+
+def build_models(implementation: Any, config: Any, tensors: dict[str, dict[str, torch.Tensor]],
+                 device: str = "cpu") -> dict[str, Any]:
+    """Every saved key's model, on `device`, in eval mode, then the implementation's optional
+    `category_models(config, models)`: how one saved model serves several categories as models of
+    their own (a class-conditional network, one view per class). What is calibrated, looked up by
+    category and given a threshold is what this returns."""
+    models = {key: implementation.build(config, named).to(device).eval() for key, named in tensors.items()}
+    category_models = getattr(implementation, "category_models", None)
+    return category_models(config, models) if category_models is not None else models
 
 
 def renamed(tensors: dict[str, torch.Tensor], prefix: str, new_prefix: str = "") -> dict[str, torch.Tensor]:

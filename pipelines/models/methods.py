@@ -22,7 +22,9 @@ How a method fits (`fit`), and what its implementation provides for it:
   state one train step changes and a checkpoint holds (see `TrainingState` below).
 
 Every implementation provides `build(config, tensors) -> nn.Module` (tensors None: untrained),
-optionally `describe(config) -> str` (the step summary's name for the model), and its record
+optionally `describe(config) -> str` (the step summary's name for the model) and
+`category_models(config, models) -> models` (one saved model serving several categories as models
+of their own, e.g. a class-conditional network viewed once per class: `artifacts.build_models`), and its record
 says which dataclass is saved as the artifact's config (`artifact_config`; by default the
 parameters). Adding a method: docs/adding-a-method.md.
 """

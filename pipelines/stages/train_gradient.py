@@ -29,6 +29,7 @@ import torch
 from pipelines.data.augment import augment_batch
 from pipelines.data.synthetic_pairs import pair_rows
 from pipelines.errors import InputError, SpecError
+from pipelines.models.artifacts import build_models
 from pipelines.models.methods import GradientTrainingSpec, MethodRecord, TrainingBatch, TrainingContext
 from pipelines.params.train import TrainParams
 from pipelines.stages import calibration
@@ -309,8 +310,7 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
     thresholds: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
     if detector:  # calibrated on the held-out normals the training never saw
-        implementation = record.load()
-        models = {key: implementation.build(published.config, named).eval() for key, named in published.tensors.items()}
+        models = build_models(record.load(), published.config, published.tensors)
         held = calibration.decode_to_driver(rows.holdout, params.image_size, params.max_image_pixels)
         thresholds, details = calibration.calibrate_thresholds(
             models, held, calibration.validation_images(params, context), params)
@@ -323,7 +323,7 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
         started=started, checkpoints=train_folder.uri)
     lines = [f"trained {published.summary} for {meta['step']} steps on {trained} images with "
              f"{resources.workers} worker(s) in {train_seconds:.1f} s -> {folder.uri}"]
-    lines += calibration.threshold_lines(published.tensors, {}, thresholds, details)
+    lines += calibration.threshold_lines(thresholds, {}, thresholds, details)
     if final.get("resumed_from"):
         lines.append(f"  resumed from the checkpoint at step {final['resumed_from']}")
     if final.get("skipped_undecodable"):

@@ -58,11 +58,16 @@ class DdpmTrainingState:
                     auxiliary: Callable[[torch.Tensor], AuxiliaryLoss] | None = None) -> dict[str, float]:
         """One step; `auxiliary`, given the batch as model input, makes the step's extra loss terms."""
         device = self.state.device
-        labels = (torch.tensor([self.classes[c] for c in batch.categories], device=device)
-                  if self.config.num_classes else None)
+        labels = self.class_labels(batch)
         images = to_model_input(batch.pixels, device)
         return self.state.train_step(images, labels, generator, autocast_dtype=autocast_dtype,
                                      auxiliary=auxiliary(images) if auxiliary else None)
+
+    def class_labels(self, batch: TrainingBatch) -> torch.Tensor | None:
+        """(B,) class indices of the batch's categories, on the training device; None when unconditional."""
+        if not self.config.num_classes:
+            return None
+        return torch.tensor([self.classes[c] for c in batch.categories], dtype=torch.long, device=self.state.device)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self.state.state_tensors()

@@ -53,11 +53,13 @@ def noised(diffusion: Diffusion, x0: torch.Tensor, indices: Sequence[int], noise
 @torch.no_grad()
 def reverse_step_outputs(model: nn.Module, diffusion: Diffusion, timesteps: Sequence[int], x0: torch.Tensor,
                          indices: Sequence[int], noise: torch.Tensor,
-                         autocast_dtype: torch.dtype | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+                         autocast_dtype: torch.dtype | None = None,
+                         class_labels: torch.Tensor | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """(the network's output object, x_i, i) for every image and respaced index i of `indices`
     (each >= 1), flattened image-major to B*K rows: x_i as `noised`, the network called once with
-    timesteps[i]. The output object is the network's own (`.sample`, and `.features` for a U-Net
-    with a feature head), its tensors in whatever dtype the network ran in."""
+    timesteps[i] (and, for a class-conditional network, each image's class of `class_labels` (B,)).
+    The output object is the network's own (`.sample`, and `.features` for a U-Net with a feature
+    head), its tensors in whatever dtype the network ran in."""
     if any(not 1 <= i < diffusion.num_timesteps for i in indices):
         raise ValueError(f"indices must be in 1..{diffusion.num_timesteps - 1}, got {list(indices)}")
     batch = x0.shape[0]
@@ -66,8 +68,9 @@ def reverse_step_outputs(model: nn.Module, diffusion: Diffusion, timesteps: Sequ
     model_t = torch.as_tensor([timesteps[i] for i in indices], dtype=torch.long, device=x0.device).repeat(batch)
     # None: no autocast of its own (an enclosing one, e.g. a benchmark's, still applies)
     autocast = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    labels = None if class_labels is None else class_labels.to(x0.device).repeat_interleave(len(indices))
     with autocast:
-        output = model(xt, model_t)
+        output = model(xt, model_t, class_labels=labels)
     return output, xt, index
 
 

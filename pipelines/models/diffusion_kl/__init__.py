@@ -19,13 +19,18 @@ as the KL is; the map is `alpha` x KL + (1 - alpha) x feature error (alpha 0.5, 
 KL sees pixel-level changes the network "removes"; the feature error sees changes of texture and
 structure the backbone's receptive field spans. Without the head the map is the KL alone.
 
-Not here yet (see the tracker): class-conditional models and gradient-denoising explanations.
+Class-conditional (`class_conditional: true`, the paper's unified model): one U-Net over all the
+training categories, each embedded as a class, with the map moments gathered per class. The artifact
+holds the network once; loading it gives every category a model of its own (`category_models`):
+the shared network called with that category's class and standardised by that class's moments, so
+calibration sets a threshold per category and a category the model never learnt gets an error row.
 
 Torch-free: the parameters and the method record; the model is `pipelines.models.diffusion_kl.model`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,10 +125,17 @@ class DiffusionKlConfig:
     model: DdpmConfig = DdpmConfig()
     scoring: DiffusionKlScoring = DiffusionKlScoring()
     feature_head: FeatureHead = FeatureHead()
+    # A class-conditional model's categories, class index = position (model.num_classes of them);
+    # empty for an unconditional one.
+    class_names: tuple[str, ...] = ()
 
     @property
     def image_size(self) -> int:
         return self.model.image_size
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.model.num_classes > 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,9 @@ class DiffusionKlParams:
     training: GradientTrainingSpec = GradientTrainingSpec()
     scoring: DiffusionKlScoring = DiffusionKlScoring()
     feature_head: FeatureHead = FeatureHead()
+    # One U-Net over every category, the category embedded as a class (the paper's unified model),
+    # its map moments per class; false: one unconditional U-Net over all of them.
+    class_conditional: bool = False
     # The last `statistics_steps` training steps also compute the KL maps of their batch with the
     # EMA network (the one published) for the `fit` normalisation (and the feature-error maps,
     # with a head).
@@ -144,15 +159,19 @@ class DiffusionKlParams:
     def image_size(self) -> int:
         return self.model.image_size
 
-    @property
-    def artifact(self) -> DiffusionKlConfig:
-        return DiffusionKlConfig(model=self.model, scoring=self.scoring, feature_head=self.feature_head)
+    def artifact(self, class_names: tuple[str, ...]) -> DiffusionKlConfig:
+        """The saved config of a model trained on `class_names` (the sorted training categories)."""
+        if not self.class_conditional:
+            return DiffusionKlConfig(model=self.model, scoring=self.scoring, feature_head=self.feature_head)
+        return DiffusionKlConfig(model=dataclasses.replace(self.model, num_classes=len(class_names)),
+                                 scoring=self.scoring, feature_head=self.feature_head,
+                                 class_names=tuple(class_names))
 
     def validate(self, path: str) -> DiffusionKlParams:
         check_image_size(self.model.image_size, f"{path}.model.image_size", minimum=8)
         if self.model.num_classes:
-            raise SpecError(f"{path}.model.num_classes", "class-conditional diffusion_kl models are not supported "
-                                                         "yet: one unconditional model over the categories")
+            raise SpecError(f"{path}.model.num_classes", "is set from the dataset's categories: "
+                                                         f"use {path}.class_conditional: true instead")
         self.scoring.validate(f"{path}.scoring", self.model.num_train_timesteps)
         if self.feature_head.enabled:
             self.feature_head.check_fits(self.model, f"{path}.feature_head")
