@@ -28,6 +28,9 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   at 256 px on GPUs), scored by diffusion_kl and cgddm with their defaults. With
   --diffusion-feature-head the U-Net also learns diffusion_kl's feature head, and diffusion_kl is
   scored at alpha 0.5 (the paper's mix), 1 (the KL alone) and 0 (the feature error alone).
+- diffusion_kl_conditional (`class_conditional_kl_scores`): the same, as one class-conditional
+  U-Net over both cell types trained 2 x --diffusion-steps steps (the same budget per type),
+  each type scored with its class and its own statistics.
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
@@ -168,6 +171,60 @@ def diffusion_scores(items: list[dict], steps: int, batch_size: int, size: int, 
                 seconds[name] += time.perf_counter() - began
                 for row, value in zip(rows, result.scores.tolist(), strict=True):
                     scores[name][row["image_id"]] = value
+            count += len(rows)
+    return scores, seconds, count
+
+
+def class_conditional_kl_scores(items: list[dict], steps: int, batch_size: int, size: int, feature_head: bool
+                                ) -> tuple[dict[str, float], float, int]:
+    """({image_id: score}, seconds scoring, test images scored) of one class-conditional
+    diffusion_kl model over both cell types (`class_conditional: true`): the U-Net and settings of
+    `diffusion_scores`, trained `steps` x 2 steps (the same budget per cell type as two models of
+    `steps`) on batches drawn from both types' training cells, each type then scored with its class
+    and its own map statistics (the per-category models its artifact loads as)."""
+    import numpy as np
+    import torch
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.models.diffusion.config import DdpmConfig, OptimConfig
+    from pipelines.models.diffusion_kl import DiffusionKlParams, FeatureHead
+    from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
+    from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
+
+    total = steps * len(CATEGORIES)
+    network = DdpmConfig(image_size=size, block_out_channels=(32, 64, 64, 128), attention_blocks=(3,),
+                         layers_per_block=1, learned_variance=True)
+    params = DiffusionKlParams(model=network, optim=OptimConfig(lr=2e-4, warmup_steps=100, ema_decay=0.995),
+                               training=GradientTrainingSpec(steps=total), statistics_steps=min(50, total),
+                               feature_head=FeatureHead(enabled=feature_head),
+                               class_conditional=True).validate("diffusion_kl")
+    train = [r for r in items if r["split"] == "train"]
+    pixels = np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in train])
+    categories = np.array([r["category"] for r in train])
+    context = TrainingContext(class_names=tuple(sorted(CATEGORIES)), device="cpu", seed=0)
+    state = DIFFUSION_KL.training_state(params, context)
+    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    started = time.perf_counter()
+    for _ in range(total):
+        chosen = rng.choice(len(train), batch_size, replace=False)
+        state.train_batch(TrainingBatch(pixels=pixels[chosen], categories=categories[chosen]), generator, None)
+    published = DIFFUSION_KL.published(params, context, *state.state_tensors())
+    whole = DIFFUSION_KL.build(published.config, published.tensors["*"]).eval()
+    models = DIFFUSION_KL.category_models(published.config, {"*": whole})
+    print(f"  diffusion_kl class-conditional: trained {total} steps at {size} px in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    scores: dict[str, float] = {}
+    seconds, count = 0.0, 0
+    for category in CATEGORIES:
+        test = [r for r in items if r["category"] == category and r["split"] == "test"]
+        for start in range(0, len(test), batch_size):
+            rows = test[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows]))
+            began = time.perf_counter()
+            result = models[category].score(batch.permute(0, 3, 1, 2).float().div_(255.0),
+                                            [r["image_id"] for r in rows])
+            seconds += time.perf_counter() - began
+            scores.update(zip([r["image_id"] for r in rows], result.scores.tolist(), strict=True))
             count += len(rows)
     return scores, seconds, count
 
@@ -360,7 +417,8 @@ def main() -> int:
     parser.add_argument("--diffusion-size", type=int, default=64)
     parser.add_argument("--diffusion-feature-head", action="store_true",
                         help="train diffusion_kl's feature head too and score it at alpha 0.5, 1 and 0")
-    parser.add_argument("--detectors", default="padim,pfm,realnet,resad,diffusion")
+    parser.add_argument("--detectors", default="padim,pfm,realnet,resad,diffusion",
+                        help="comma-separated; also diffusion_kl_conditional (not in the default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -399,6 +457,12 @@ def main() -> int:
             for name, values in diffusion.items():
                 rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, values)
                 speed.setdefault(name, []).append(diffusion_count / diffusion_seconds[name])
+        if "diffusion_kl_conditional" in detectors:
+            conditional, conditional_seconds, conditional_count = class_conditional_kl_scores(
+                items, args.diffusion_steps, args.batch_size, args.diffusion_size, args.diffusion_feature_head)
+            name = f"diffusion_kl{'+head' if args.diffusion_feature_head else ''} class-conditional"
+            rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, conditional)
+            speed.setdefault(name, []).append(conditional_count / conditional_seconds)
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
             print(f"split {split} {name:18s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
