@@ -119,6 +119,15 @@ def test_a_clean_image_reconstructs_closer_than_a_defect_and_the_map_peaks_insid
     assert (result.scores > model.score(to_tensor(normal), ids).scores).all()
     again = model.score(to_tensor(defect), ids)
     assert torch.equal(result.scores, again.scores) and torch.equal(result.maps, again.maps)
+    # bf16 autocast (the score stage's precision on GPUs; CPU autocast here): the U-Net calls run in
+    # bf16, so the maps move, but the squares are still found, the same way on every rerun.
+    low = [model.score(to_tensor(defect), ids, autocast_dtype=torch.bfloat16) for _ in range(2)]
+    assert low[0].maps.dtype == torch.float32 and not torch.equal(low[0].maps, result.maps)
+    assert torch.equal(low[0].maps, low[1].maps)
+    for i in range(4):
+        y, x = divmod(int(low[0].maps[i].argmax()), 16)
+        assert 3 + 2 * i - 1 <= y <= 3 + 2 * i + 4 and 8 - i - 1 <= x <= 8 - i + 4, (i, y, x)
+    assert (low[0].scores > model.score(to_tensor(normal), ids, autocast_dtype=torch.bfloat16).scores).all()
     # The map without a reconstruction error: 0 (a feature difference of identical images too).
     pixel, feature = model.difference_maps(to_tensor(normal), to_tensor(normal))
     assert float(pixel.abs().max()) == 0 and float(feature.abs().max()) < 1e-5

@@ -25,6 +25,7 @@ from pipelines.models.diffusion.unet import build_unet
 from pipelines.models.diffusion_kl import DiffusionKlConfig, DiffusionKlParams, DiffusionKlScoring, FeatureHead
 from pipelines.models.diffusion_kl.model import IMPLEMENTATION as DIFFUSION_KL
 from pipelines.models.diffusion_kl.model import class_map_sums, moments
+from pipelines.models.inference import score_in_slots
 from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
@@ -173,6 +174,16 @@ def test_scoring_is_deterministic_and_finds_a_bright_square():
     assert torch.equal(result.scores, again.scores) and torch.equal(result.maps, again.maps)
     rebuilt = DIFFUSION_KL.build(published.config, model.tensors())
     assert torch.equal(rebuilt.score(images, ["a", "b", "c", "d"]).scores, result.scores)
+    # bf16 autocast as the score stage uses it on GPUs (CPU autocast here), through the stage's own
+    # batching: the U-Net runs in bf16, the maps move a little, the square is still found.
+    slots, ids = np.arange(4), ["a", "b", "c", "d"]
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    exact_scores, exact_maps = score_in_slots(model, pixels, slots, 4, row_ids=ids)
+    low = [score_in_slots(model, pixels, slots, 4, row_ids=ids, autocast_dtype=torch.bfloat16) for _ in range(2)]
+    assert low[0][1].dtype == np.float32 and not np.array_equal(low[0][1], exact_maps)
+    np.testing.assert_array_equal(low[0][1], low[1][1])  # a rerun is identical
+    assert int(np.argmax(low[0][0])) == int(np.argmax(exact_scores)) == 3
+    assert np.corrcoef(low[0][1].ravel(), exact_maps.ravel())[0, 1] > 0.95
     with pytest.raises(ValueError, match="16x16"):
         model.score(torch.zeros(1, 3, 32, 32), [""])
 

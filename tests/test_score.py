@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagefiles import archive_table, corrupt_png, encode, jpeg, png, publish_archive, truncated_png
 from pipelines import datasets
-from pipelines.errors import InputError
+from pipelines.errors import InputError, SpecError
 from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
 from pipelines.storage import Location
@@ -183,3 +183,30 @@ def test_a_manifest_named_like_a_path_cannot_place_scores_outside_the_root(train
     written = {p for p in Location.parse(root).list_files()} - before
     assert all("/runs/" in p.uri for p in written), written  # only the failed run's own record
     assert not (tmp_path.parent / "escaped").exists() and not list(tmp_path.parent.parent.glob("escaped"))
+
+
+def test_bf16_is_refused_for_a_detector_that_scores_in_float32_only(trained_model, odd_archive):
+    root, model = trained_model
+    spec = score_spec(root, odd_archive.uri, model)
+    spec["precision"] = "bf16"
+    with pytest.raises(SpecError, match=r"^precision: bf16 autocast is for GPU workers"):
+        parse_spec(spec)
+    # With GPU workers asked for, the padim model itself is refused, on the driver, before any actor.
+    spec["resources"] = {**spec["resources"], "gpus_per_worker": 1}
+    with pytest.raises(InputError, match=r"precision: bf16: .* is a 'padim' model, which scores in float32 only"):
+        run_job(parse_spec(spec), echo=quiet)
+    with pytest.raises(SpecError, match=r"^precision"):
+        parse_spec({**score_spec(root, odd_archive.uri, model), "precision": "half"})
+
+
+def test_the_scoring_precision_is_bf16_only_for_a_capable_detector_on_gpus():
+    from pipelines.models.inference import scoring_precision
+
+    capable, plain = frozenset({"bf16"}), frozenset({"references"})
+    assert scoring_precision("auto", capable, gpu=True) == "bf16"
+    assert scoring_precision("auto", capable, gpu=False) == "fp32"
+    assert scoring_precision("auto", plain, gpu=True) == "fp32"
+    assert scoring_precision("fp32", capable, gpu=True) == "fp32"
+    assert scoring_precision("bf16", capable, gpu=True) == "bf16"
+    with pytest.raises(ValueError, match="float32 only"):
+        scoring_precision("bf16", plain, gpu=True)

@@ -31,12 +31,15 @@ def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 
 def score_in_slots(model: Detector, pixels: np.ndarray, positions: np.ndarray, batch_size: int,
                    device: torch.device | str = "cpu", parts: np.ndarray | None = None,
-                   row_ids: Sequence[str] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   row_ids: Sequence[str] | np.ndarray | None = None, autocast_dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scores (N,) and maps (N, S, S) of images at `positions` among their part's selected rows,
     from the detector's `score(images, row_ids)` (the method contract).
 
     `parts` (N,) names each image's input part (default: all from one part); `row_ids` (N,) the
-    images (default ""), passed on so that a method drawing noise seeds it per image. Raises
+    images (default ""), passed on so that a method drawing noise seeds it per image.
+    `autocast_dtype` goes to `score` (a detector with the "bf16" capability; `scoring_precision`);
+    `channels_last` lays the batch out NHWC, as a model moved to that format wants it. Raises
     ValueError if two images claim the same (part, position): their slots would collide.
     """
     positions = np.asarray(positions, dtype=np.int64)
@@ -56,8 +59,12 @@ def score_in_slots(model: Detector, pixels: np.ndarray, positions: np.ndarray, b
         batch_ids = [""] * batch_size  # padding slots
         for slot, row_id in zip(slots, ids[members]):
             batch_ids[slot] = row_id
+        images = to_tensor(batch, device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        extra = {"autocast_dtype": autocast_dtype} if autocast_dtype is not None else {}
         with torch.inference_mode():
-            result = model.score(to_tensor(batch, device), batch_ids)
+            result = model.score(images, batch_ids, **extra)
         scores[members] = result.scores[torch.as_tensor(slots)].float().cpu().numpy()
         maps[members] = result.maps[torch.as_tensor(slots)].float().cpu().numpy()
     return scores, maps
@@ -87,3 +94,21 @@ def decode_map(data: bytes, low: float, high: float) -> np.ndarray:
         quantized = np.asarray(image, dtype=np.float32)
     span = high - low if high > low else 1.0
     return low + quantized / 255.0 * span
+
+
+def scoring_precision(requested: str, capabilities: frozenset[str], gpu: bool) -> str:
+    """What a scorer computes in, "bf16" or "fp32", from the spec's `precision` ("auto", "fp32",
+    "bf16"): auto is bf16 for a detector with the "bf16" capability on GPU workers (the U-Net
+    calls of the diffusion detectors: tensor cores, half the memory traffic), fp32 otherwise (a
+    PaDiM's Mahalanobis distance, and any CPU: CPUs rarely have fast bf16 kernels). Decided on the
+    driver, so that it can enter the output's fingerprint; ValueError for bf16 asked of a detector
+    that cannot."""
+    if requested == "bf16" and "bf16" not in capabilities:
+        raise ValueError("scores in float32 only (its method has no 'bf16' capability)")
+    if requested == "auto":
+        return "bf16" if gpu and "bf16" in capabilities else "fp32"
+    return requested
+
+
+def autocast_dtype_of(precision: str) -> torch.dtype | None:
+    return torch.bfloat16 if precision == "bf16" else None

@@ -79,7 +79,9 @@ class MethodRecord:
     # stage) and "sdas" (sample with RealNet's variance strength s: synthesize's sdas source).
     # "generate": vary given images (`adapt(model, images, steps, lr, seed)`, `vary(model, images, copies, generator)`).
     # A detector's: "references" (score a category from a few of its normal images, given by the
-    # score job's `references:`; the implementation has `with_references(model, images)`).
+    # score job's `references:`; the implementation has `with_references(model, images)`);
+    # "bf16" (its models' `score(images, row_ids, autocast_dtype=None)` runs the network calls under
+    # that autocast and the map arithmetic in float32: the score stage's `precision` uses it on GPUs).
     capabilities: frozenset[str] = frozenset()
     training_data: TrainingData = "normals"  # gradient methods: what a batch holds
     summary: str = ""  # one line for error messages and docs

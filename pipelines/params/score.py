@@ -58,7 +58,14 @@ class ScoreParams:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     resources: ResourcesSpec = ResourcesSpec(workers=1)
     references: ReferencesSpec | None = None  # few-shot: a detector with the "references" capability
+    # What the network calls run in: auto = bf16 autocast for a diffusion detector on GPU workers,
+    # fp32 otherwise (`pipelines.models.inference.scoring_precision`); bf16 asks for it.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def validate(self, path: str) -> ScoreParams:
-        check_positive(self.max_image_pixels, f"{path}.max_image_pixels" if path else "max_image_pixels")
+        prefix = f"{path}." if path else ""
+        check_positive(self.max_image_pixels, f"{prefix}max_image_pixels")
+        if self.precision == "bf16" and self.resources.gpus_per_worker <= 0:
+            raise SpecError(f"{prefix}precision", "bf16 autocast is for GPU workers; set resources.gpus_per_worker "
+                                                  "(or precision: auto)")
         return self

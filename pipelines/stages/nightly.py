@@ -52,7 +52,7 @@ from pipelines.stages.image_batches import (
 )
 from pipelines.stages.ingest import publish_images, write_image_parts
 from pipelines.stages.parts import PartPlan, Workers, run_parts
-from pipelines.stages.score import Scorer, count_outcomes, scores_part_table
+from pipelines.stages.score import Scorer, checked_precision, count_outcomes, precision_fingerprint, scores_part_table
 from pipelines.storage import Location
 from pipelines.tables import SCORES_SCHEMA
 
@@ -207,7 +207,10 @@ def _ingest_new(it: Night, days: list[DayPartition]) -> list[DayPartition]:
 def _score_missing(it: Night, days: list[DayPartition]) -> tuple[list[DayPartition], Any]:
     """Score the days without published scores of these images from this model version."""
     params = it.params
-    model_fingerprint = datasets.fingerprint([it.model_folder.uri, it.card.thresholds])
+    # The nightly job always takes the default, auto: bf16 for a diffusion detector on GPU workers.
+    precision = checked_precision("auto", it.card, params.resources.gpus_per_worker > 0)
+    model_fingerprint = datasets.fingerprint([it.model_folder.uri, it.card.thresholds]
+                                             + precision_fingerprint(precision))
     for partition in days:
         assert partition.manifest is not None
         partition.scoring = datasets.fingerprint([[p.input_fingerprint for p in partition.manifest.parts],
@@ -216,7 +219,7 @@ def _score_missing(it: Night, days: list[DayPartition]) -> tuple[list[DayPartiti
     if not todo:
         return todo, None
     check_room_for_decoding(params.resources.workers, params.resources.cpus_per_worker, "scorer worker")
-    return todo, _score(todo, params, it.context, it.card, it.model_folder, model_fingerprint, it.model)
+    return todo, _score(todo, params, it.context, it.card, it.model_folder, model_fingerprint, it.model, precision)
 
 
 def _load_missing(it: Night, days: list[DayPartition]) -> tuple[list[scores_table.PartitionLoad], int]:
@@ -266,7 +269,7 @@ def _scoring_of(folder: Location) -> str | None:
 
 
 def _score(to_score: list[DayPartition], params: NightlyParams, context: StepContext, card: ModelCard,
-           model_folder: Location, model_fingerprint: str, model: str) -> Any:
+           model_folder: Location, model_fingerprint: str, model: str, precision: str) -> Any:
     """Score the days' images in one pass (global part numbers over the days), then publish each day."""
     plans: list[PartPlan] = []
     selections: dict[int, PartSelection] = {}
@@ -290,7 +293,7 @@ def _score(to_score: list[DayPartition], params: NightlyParams, context: StepCon
                                            params.max_image_pixels),
         workers=Workers(Scorer, {"model_folder": model_folder, "record": card.record,
                                  "batch_size": resources.batch_size, "anomaly_maps": params.anomaly_maps,
-                                 "threads": int(resources.cpus_per_worker)},
+                                 "threads": int(resources.cpus_per_worker), "precision": precision},
                         resources, resources.batch_size, decoded_queue_bytes(list(selections.values()),
                                                                               card.image_size)),
         build_table=lambda rows: scores_part_table(rows, model, context.run_id, scored_at, spec_fingerprint))

@@ -20,7 +20,7 @@ import torch
 from pipelines import datasets
 from pipelines.errors import InputError
 from pipelines.models.artifacts import ModelCard
-from pipelines.models.inference import encode_map, score_in_slots, to_tensor
+from pipelines.models.inference import autocast_dtype_of, encode_map, score_in_slots, scoring_precision, to_tensor
 from pipelines.models.methods import MethodRecord
 from pipelines.params.score import ScoreParams
 from pipelines.spec import StepSpec
@@ -43,10 +43,17 @@ class Scorer:
     """Scorer actor: loads the detector's models once, then scores batches of decoded rows."""
 
     def __init__(self, model_folder: Location, record: MethodRecord, batch_size: int, anomaly_maps: bool,
-                 threads: int, references: ReferenceImages | None = None):
+                 threads: int, references: ReferenceImages | None = None, precision: str = "fp32"):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.models = ModelCard.read(model_folder, record).require("detector", "scoring").load(self.device)
+        # bf16 (`scoring_precision`, decided on the driver): the network calls under autocast, the
+        # weights and batches channels_last, the layout cuDNN's fastest convolutions use.
+        self.autocast_dtype = autocast_dtype_of(precision) if self.device == "cuda" else None
+        self.channels_last = self.autocast_dtype is not None
+        if self.channels_last:
+            for model in self.models.models.values():
+                model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.anomaly_maps = anomaly_maps
         if references is not None:  # few-shot: the reference category gets a model of its own
@@ -74,7 +81,8 @@ class Scorer:
             # Slots come from the position in the input part: see pipelines.models.inference.
             member_scores, member_maps = score_in_slots(
                 self.models.models[key], batch["pixels"][members], batch["_seq"][members],
-                self.batch_size, self.device, parts=batch["_part"][members], row_ids=batch["image_id"][members])
+                self.batch_size, self.device, parts=batch["_part"][members], row_ids=batch["image_id"][members],
+                autocast_dtype=self.autocast_dtype, channels_last=self.channels_last)
             scores[members] = member_scores
             thresholds[members] = self.models.thresholds.get(key, np.nan)
             if self.anomaly_maps:
@@ -86,6 +94,20 @@ class Scorer:
                 "partition": batch["partition"], "score": scores, "threshold": thresholds,
                 "anomaly_map": np.array(maps, object), "anomaly_map_min": lows, "anomaly_map_max": highs,
                 "error": errors}
+
+
+def checked_precision(requested: str, card: ModelCard, gpu: bool) -> str:
+    """`scoring_precision` for this model, its refusal an input error naming the model (exit 2)."""
+    try:
+        return scoring_precision(requested, card.record.capabilities, gpu)
+    except ValueError as error:
+        raise InputError(f"precision: bf16: {card.folder.uri} is a {card.method!r} model, which {error}") from None
+
+
+def precision_fingerprint(precision: str) -> list[str]:
+    """What the precision adds to a part's fingerprint: nothing for fp32, what every earlier
+    version computed, so that their finished parts and nights stay reusable."""
+    return [] if precision == "fp32" else [precision]
 
 
 def _text_or_null(value: Any) -> str | None:
@@ -151,20 +173,24 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         references = reference_images(params.references, card, context, params.max_image_pixels)
         refuse_scored_references(references, scored_rows, images.uri)
         context.log("references", **references.provenance())
+    precision = checked_precision(params.precision, card, params.resources.gpus_per_worker > 0)
     model_fingerprint = datasets.fingerprint([model_folder.uri, card.thresholds,
-                                              references.provenance() if references else None])
+                                              references.provenance() if references else None]
+                                             + precision_fingerprint(precision))
     plans = [PartPlan(s.part, datasets.fingerprint([s.location.uri, s.rows, model_fingerprint,
                                                     params.outputs.anomaly_maps, params.max_image_pixels]),
                       len(s.rows)) for s in selections]
     by_part = {s.part: s for s in selections}
     resources = params.resources
-    context.log("scoring", images=sum(len(s.rows) for s in selections), parts=len(selections), output=folder.uri)
+    context.log("scoring", images=sum(len(s.rows) for s in selections), parts=len(selections), output=folder.uri,
+                precision=precision)
     outcome = run_parts(
         folder, plans, SCORES_SCHEMA,
         source=lambda todo: decoded_images([by_part[p.part] for p in todo], card.image_size, params.max_image_pixels),
         workers=Workers(Scorer, {"model_folder": model_folder, "record": card.record,
                                  "batch_size": resources.batch_size, "anomaly_maps": params.outputs.anomaly_maps,
-                                 "threads": int(resources.cpus_per_worker), "references": references},
+                                 "threads": int(resources.cpus_per_worker), "references": references,
+                                 "precision": precision},
                         resources, resources.batch_size, decoded_queue_bytes(selections, card.image_size)),
         build_table=lambda rows: scores_part_table(rows, model_name, context.run_id, scored_at,
                                                    context.record.status["spec_fingerprint"]))

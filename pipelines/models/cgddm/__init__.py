@@ -109,7 +109,7 @@ class CgddmParams:
 
 METHOD = register(MethodRecord(
     name="cgddm", role="detector", fit="gradient", params=CgddmParams, artifact_config=CgddmConfig,
-    implementation="pipelines.models.cgddm.model:IMPLEMENTATION",
+    implementation="pipelines.models.cgddm.model:IMPLEMENTATION", capabilities=frozenset({"bf16"}),
     summary="DDPM on normal images; reconstruction from a partially noised copy, conditioned and blur-guided; "
             "pixel + feature difference",
     paper="CGDDM, conditioned-guided denoising diffusion for texture anomalies; Hong et al., "

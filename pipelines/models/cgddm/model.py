@@ -46,12 +46,13 @@ class Cgddm(nn.Module):
         self.features.to(next(self.unet.parameters()).device)
         return self
 
-    def reconstructions(self, images: torch.Tensor, row_ids: Sequence[str]) -> tuple[torch.Tensor, int]:
+    def reconstructions(self, images: torch.Tensor, row_ids: Sequence[str],
+                        autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
         """(reconstructions in [0, 1], U-Net calls) of images in [0, 1]."""
         x = images.float() * 2 - 1
         noise = noise_for(row_ids, _NOISE_PURPOSE, self.config.scoring.seed, tuple(x.shape[1:])).to(x.device)
         rebuilt, calls = reconstruct(self.unet, self.diffusion, self.timesteps, x, noise,
-                                     self.config.scoring.start_step, self.guidance)
+                                     self.config.scoring.start_step, self.guidance, autocast_dtype)
         return (rebuilt + 1) / 2, calls
 
     def difference_maps(self, images: torch.Tensor, rebuilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +66,13 @@ class Cgddm(nn.Module):
         return pixel, torch.stack(levels).mean(dim=0)
 
     @torch.inference_mode()
-    def score(self, images: torch.Tensor, row_ids: Sequence[str]) -> ScoreBatch:
+    def score(self, images: torch.Tensor, row_ids: Sequence[str],
+              autocast_dtype: torch.dtype | None = None) -> ScoreBatch:
+        """`autocast_dtype` (the "bf16" capability): the U-Net calls only run under autocast."""
         size = self.config.model.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"cgddm expects {size}x{size} inputs, got {tuple(images.shape[-2:])}")
-        rebuilt, _ = self.reconstructions(images, row_ids)
+        rebuilt, _ = self.reconstructions(images, row_ids, autocast_dtype)
         pixel, feature = self.difference_maps(images, rebuilt)
         maps = gaussian_blur(pixel + self.config.scoring.feature_weight * feature, self.config.scoring.map_sigma)
         return ScoreBatch(top_mean(maps, self.config.scoring.top_pixels), maps)

@@ -24,6 +24,7 @@ The learned-variance channels, if any, are unused: DDIM with eta = 0 has no vari
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,18 +47,23 @@ def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(images.flatten(0, 1), sigma).view(batch, channels, *images.shape[2:])
 
 
-def _eps(model: nn.Module, x: torch.Tensor, timestep: int, channels: int) -> torch.Tensor:
+def _eps(model: nn.Module, x: torch.Tensor, timestep: int, channels: int,
+         autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The network's noise prediction, in float32 whatever it ran in (the chain's arithmetic stays float32)."""
     t = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device)
-    return model(x, t).sample[:, :channels].float()
+    with torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+        return model(x, t).sample[:, :channels].float()
 
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, diffusion: Diffusion, timesteps: list[int], images: torch.Tensor,
-                noise: torch.Tensor, start: int, guidance: Guidance) -> tuple[torch.Tensor, int]:
+                noise: torch.Tensor, start: int, guidance: Guidance,
+                autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
     """(reconstructions (B, C, H, W) in [-1, 1], network calls made) of images in [-1, 1].
 
     `diffusion`/`timesteps`: the respaced chain (`samplers.respaced`); `start`: its index to start
-    from (1 .. len - 1); `noise` (B, C, H, W): the starting noise (seeded per image by the caller).
+    from (1 .. len - 1); `noise` (B, C, H, W): the starting noise (seeded per image by the caller);
+    `autocast_dtype`: the network calls only run under autocast in it (bf16 on a GPU).
     """
     if not 1 <= start < diffusion.num_timesteps:
         raise ValueError(f"start must be an index in 1..{diffusion.num_timesteps - 1}, got {start}")
@@ -68,7 +74,7 @@ def reconstruct(model: nn.Module, diffusion: Diffusion, timesteps: list[int], im
     for index in range(start, -1, -1):
         a_t = float(ab[index])
         a_prev = float(ab[index - 1]) if index > 0 else 1.0  # unused at index 0
-        eps = _eps(model, x, timesteps[index], channels)
+        eps = _eps(model, x, timesteps[index], channels, autocast_dtype)
         calls += 1
         if guidance.condition_scale:
             y_t = a_t ** 0.5 * images + (1 - a_t) ** 0.5 * noise
@@ -76,7 +82,7 @@ def reconstruct(model: nn.Module, diffusion: Diffusion, timesteps: list[int], im
         if guidance.guidance_scale != 1.0 and index <= guidance.guidance_below:
             x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
             blurred = a_t ** 0.5 * _blur(x0, guidance.blur_sigma) + (1 - a_t) ** 0.5 * eps
-            eps_blur = _eps(model, blurred, timesteps[index], channels)
+            eps_blur = _eps(model, blurred, timesteps[index], channels, autocast_dtype)
             calls += 1
             eps = eps_blur + guidance.guidance_scale * (eps - eps_blur)
         x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5).clamp(-1, 1)

@@ -184,6 +184,6 @@ class DiffusionKlParams:
 
 METHOD = register(MethodRecord(
     name="diffusion_kl", role="detector", fit="gradient", params=DiffusionKlParams, artifact_config=DiffusionKlConfig,
-    implementation="pipelines.models.diffusion_kl.model:IMPLEMENTATION",
+    implementation="pipelines.models.diffusion_kl.model:IMPLEMENTATION", capabilities=frozenset({"bf16"}),
     summary="DDPM on normal images; the per-pixel KL of a reverse step from a noised copy of the image",
     paper="Lu et al., Removing Anomalies as Noises for Industrial Defect Localization, ICCV 2023"))

@@ -142,7 +142,8 @@ class DiffusionKl(nn.Module):
         return DiffusionKl(self.config, self.network, {kind: self.map_moments(kind)[label]
                                                        for kind in map_kinds(self.config)}, class_label=label)
 
-    def raw_maps(self, images: torch.Tensor, row_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    def raw_maps(self, images: torch.Tensor, row_ids: Sequence[str],
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """`raw_maps` of images in [0, 1], the noise of x_i seeded by each image's id."""
         scoring = self.config.scoring
         x0 = images.float() * 2 - 1
@@ -154,7 +155,7 @@ class DiffusionKl(nn.Module):
                                  "(for_class; loading the artifact gives one per category)")
             labels = torch.full((x0.shape[0],), self.class_label, dtype=torch.long, device=x0.device)
         return raw_maps(self.network, self.diffusion, self.timesteps, x0, scoring.timesteps, noise, self.extractor,
-                        class_labels=labels)
+                        autocast_dtype, class_labels=labels)
 
     def kl_maps(self, images: torch.Tensor, row_ids: Sequence[str]) -> torch.Tensor:
         """(B, K, S, S) raw KL maps (bits) of images in [0, 1]."""
@@ -178,11 +179,15 @@ class DiffusionKl(nn.Module):
         return alpha * kl + (1 - alpha) * self.normalised(maps["feature"], "feature")
 
     @torch.inference_mode()
-    def score(self, images: torch.Tensor, row_ids: Sequence[str]) -> ScoreBatch:
+    def score(self, images: torch.Tensor, row_ids: Sequence[str],
+              autocast_dtype: torch.dtype | None = None) -> ScoreBatch:
+        """`autocast_dtype` (the "bf16" capability): the U-Net call only runs under autocast; the
+        KL, the feature error and everything after them are float32."""
         size = self.config.model.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"diffusion_kl expects {size}x{size} inputs, got {tuple(images.shape[-2:])}")
-        maps = gaussian_blur(self.combined(self.raw_maps(images, row_ids)).mean(dim=1), self.config.scoring.map_sigma)
+        raw = self.raw_maps(images, row_ids, autocast_dtype)
+        maps = gaussian_blur(self.combined(raw).mean(dim=1), self.config.scoring.map_sigma)
         return ScoreBatch(top_mean(maps, self.config.scoring.top_pixels), maps)
 
     def tensors(self) -> dict[str, torch.Tensor]:
