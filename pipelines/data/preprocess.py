@@ -1,4 +1,5 @@
-"""Decode stored image bytes into the fixed-size RGB arrays models take (pure: no Ray, no torch).
+"""Decode stored image bytes into the fixed-size RGB arrays models take, and encode arrays back
+into the PNG bytes the stages store (pure: no Ray, no torch).
 
 Grayscale is replicated to three channels, 16-bit images are scaled to 8 bits by their bit depth,
 alpha is dropped (composited over black), and the result is resized to `size x size` with an
@@ -53,6 +54,15 @@ def decode_rgb(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def encode_png(pixels: np.ndarray, optimize: bool = False) -> bytes:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG bytes. The stages' datasets use the default
+    (fast, deterministic bytes); reports pass `optimize` for smaller pages."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(
+        buffer, format="PNG", optimize=optimize)
+    return buffer.getvalue()
 
 
 def decode_mask(data: bytes | None, size: int) -> np.ndarray | None:

@@ -122,6 +122,8 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def array_png(image: np.ndarray) -> bytes:
+    """The report's own PNG encoder (optimized for page size): evaluation sits beside
+    pipelines.data in the layers, so it does not use `data.preprocess.encode_png`."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()

@@ -15,7 +15,6 @@ and generated images beside it.
 
 from __future__ import annotations
 
-import io
 import time
 from functools import partial
 from typing import Any
@@ -24,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from PIL import Image
 
 from pipelines import datasets
 from pipelines.data.limits import DEFAULT_MAX_PIXELS
+from pipelines.data.preprocess import encode_png
 from pipelines.errors import InputError
 from pipelines.generation import prompts as prompt_search
 from pipelines.generation.wordnet import candidate_words, load_wordnet
@@ -104,11 +103,6 @@ def generate_category(model_folder: Location, record: MethodRecord, params: Gene
             "outlier": scores.outlier.tolist() if scores else None}
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
     params: GenerateParams = step.params
@@ -163,7 +157,7 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
             rows.append({
                 "image_id": f"{params.outputs.dataset}/{obj.category}/gen-{result['source_index'][n]:04d}-"
                             f"{result['copy_index'][n]:03d}",
-                "image": _png(image), "category": obj.category, "split": "train", "label": 0,
+                "image": encode_png(image), "category": obj.category, "split": "train", "label": 0,
                 "width": int(image.shape[1]), "height": int(image.shape[0]), "color_mode": "RGB",
                 "source_uri": images_folder.uri,
                 "synthesis": {"method": METHOD_NAME, "strength": None, "opacity": None,
@@ -213,13 +207,13 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
 def _contact_sheet(pairs: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     """Real (top) over generated (bottom), one column per pair."""
     if not pairs:
-        return _png(np.zeros((8, 8, 3), np.uint8))
+        return encode_png(np.zeros((8, 8, 3), np.uint8))
     columns = [np.concatenate([real, generated], axis=0) for real, generated in pairs]
     gap = np.full((columns[0].shape[0], 4, 3), 255, np.uint8)
     row = [columns[0]]
     for column in columns[1:]:
         row += [gap, column]
-    return _png(np.concatenate(row, axis=1))
+    return encode_png(np.concatenate(row, axis=1))
 
 
 def published_record(step: StepSpec, context: StepContext) -> Location:

@@ -11,16 +11,15 @@ struct telling how they were made.
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray.data
-from PIL import Image
 
 from pipelines import datasets
+from pipelines.data.preprocess import encode_png
 from pipelines.errors import InputError, SpecError
 from pipelines.models.artifacts import ModelCard
 from pipelines.models.methods import MethodRecord
@@ -67,15 +66,10 @@ class Sampler:
             for row, image in zip(rows, images):
                 out["_part"].append(int(part))
                 out["_row"].append(row)
-                out["image"].append(_png(image))
+                out["image"].append(encode_png(image))
         return {"_part": np.asarray(out["_part"], np.int64), "_row": np.asarray(out["_row"], np.int64),
                 "image": np.asarray(out["image"], object)}
 
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def run(step: StepSpec, context: StepContext) -> StepResult:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines import datasets
+from pipelines.data.preprocess import encode_png
 from pipelines.data.sampling import in_fraction
 from pipelines.errors import InputError
 from pipelines.params.synthesize import SynthesizeParams
@@ -148,8 +149,8 @@ class SynthesizeBatch:
         out["image_id"].append(image_id)
         out["category"].append(batch["category"][index])
         out["label"].append(label)
-        out["image"].append(_png(pixels) if pixels is not None else b"")
-        out["mask"].append(_png(mask.astype(np.uint8) * 255) if mask is not None else b"")
+        out["image"].append(encode_png(pixels) if pixels is not None else b"")
+        out["mask"].append(encode_png(mask.astype(np.uint8) * 255) if mask is not None else b"")
         out["method"].append(method or "")
         out["opacity"].append(opacity)
         out["strength"].append(strength)
@@ -158,11 +159,6 @@ class SynthesizeBatch:
         out["coverage"].append(coverage)
         out["error"].append(error)
 
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _load_donors(parts: list[tuple[Location, list[int]]], size: int) -> tuple[list[str], list[np.ndarray]]:
