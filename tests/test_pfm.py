@@ -6,6 +6,7 @@ normal images only).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from texture_defects import SIZE, texture_crops, write_brick_archive
 
 from pipelines import datasets
-from pipelines.errors import SpecError
+from pipelines.errors import InputError, SpecError
 from pipelines.evaluation.metrics import auroc
 from pipelines.models.artifacts import ModelCard, save_artifact
 from pipelines.models.methods import GradientTrainingSpec, TrainingBatch, TrainingContext
@@ -24,7 +25,7 @@ from pipelines.orchestrator import run_job
 from pipelines.spec import parse_spec
 from pipelines.storage import Location
 
-SMALL = PfmParams(model=PfmConfig(stages=(1, 2), latent_channels=16, image_size=64),
+SMALL = PfmParams(model=PfmConfig(stages=(1, 2), latent_channels=(16, 16), image_size=64),
                   optim=PfmOptim(lr=(3e-3, 3e-4)), training=GradientTrainingSpec(steps=6), variance_steps=4)
 CONTEXT = TrainingContext(class_names=("a",), device="cpu", seed=0)
 
@@ -73,14 +74,16 @@ def test_the_error_variance_is_the_unbiased_variance_of_the_window(tmp_path):
     pixels = texture_crops(4, 64, seed=1)
     collected: dict[str, list[np.ndarray]] = {}
     for step in range(SMALL.training.steps):
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-        errors = reference.module(*reference.features(images))
+        reference.train_batch(TrainingBatch(pixels, np.array(["a"] * 4)), torch.Generator(), None)
         if step >= SMALL.training.steps - SMALL.variance_steps:
+            # the errors of the mapping just updated, in eval mode (BatchNorm's running statistics)
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+            errors = reference.module.eval()(*reference.features(images))
+            reference.module.train()
             for stage, pair in zip(SMALL.model.stages, errors, strict=True):
                 for direction, error in zip(("source_to_target", "target_to_source"), pair, strict=True):
                     values = error.detach().double().numpy().transpose(1, 0, 2, 3).reshape(error.shape[1], -1)
                     collected.setdefault(f"variance/{stage}/{direction}", []).append(values)
-        reference.train_batch(TrainingBatch(pixels, np.array(["a"] * 4)), torch.Generator(), None)
     for name, chunks in collected.items():
         expected = np.concatenate(chunks, axis=1).var(axis=1, ddof=1)
         np.testing.assert_allclose(variances[name].numpy(), expected, rtol=1e-4)
@@ -96,7 +99,8 @@ def test_bad_pfm_parameters_exit_2_naming_them(tmp_path, file_root):
              ({"model": {"image_score": "median"}}, r"pfm\.model\.image_score"),
              ({"optim": {"lr": [0.1]}}, r"pfm\.optim\.lr: needs one learning rate per stage"),
              ({"variance_steps": 5000}, r"pfm\.variance_steps: must be at most training\.steps"),
-             ({"model": {"stages": [3, 1]}}, r"pfm\.model\.stages")]
+             ({"model": {"stages": [3, 1]}}, r"pfm\.model\.stages"),
+             ({"model": {"latent_channels": [16]}}, r"pfm\.model\.latent_channels: needs one width >= 1 per stage")]
     for block, message in cases:
         with pytest.raises(SpecError, match=message):
             parse_spec(spec(block))
@@ -157,3 +161,12 @@ def pfm_pipeline(root: str, images: Path) -> dict:
              "resources": {"workers": 1, "cpus_per_worker": 1, "batch_size": 8}},
         ],
     }
+
+
+def test_the_default_bottleneck_is_the_authors_ratio_and_an_old_single_width_model_is_refused():
+    # 0.8 x Lite2's 24 / 48 / 120 channels at stages 1-3, as 200 / 400 / 900 is for ResNet50's 256 / 512 / 1024
+    assert PfmConfig().latents() == (19, 38, 96)
+    assert PfmConfig(latent_channels=(8, 8, 8)).latents() == (8, 8, 8)
+    old = dataclasses.replace(SMALL.model, latent_channels=200)  # as a config.json of an earlier adpipe reads back
+    with pytest.raises(InputError, match="earlier adpipe.*retrain"):
+        PFM.build(old, None)

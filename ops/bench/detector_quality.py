@@ -7,10 +7,11 @@ every probability-1.0 cell test). Per cell type (mono, poly) one model of each d
 on that type's normal training cells, with the pipeline's decoder (`decode_rgb`, 256 px):
 
 - padim: the demo's model (`padim_quality.adpipe_scores`), channel subset seed 0;
-- pfm: `pipelines.models.pfm` with its defaults (Lite0 <-> Lite2, stages 1-3, latent 200, Adam
-  3e-3/3e-4/3e-4), --pfm-steps steps of batch 8 drawn with a seeded generator from the training
-  cells' features, computed once (no rotation augmentation here; the train stage adds it), the
-  error variance over the last 50 steps; image score max (the paper's) and mean (the whole map).
+- pfm: `pipelines.models.pfm` with its defaults (Lite0 <-> Lite2, stages 1-3, the authors' mapping
+  shape with bottlenecks 19/38/96, Adam 3e-3/3e-4/3e-4), --pfm-steps steps of batch 8 drawn with
+  a seeded generator from the training cells' features, computed once (no rotation augmentation
+  here; the train stage adds it), the error variance over the last 50 steps; image score max
+  (the paper's) and mean (the whole map).
 
 - realnet: `pipelines.models.realnet` with its defaults (Lite0 stages 1-3, AFS 16/24/64, RRS 2x32),
   trained on what a `synthesize` step with include_normals writes: --realnet-per-image anomalies

@@ -22,6 +22,9 @@ from pipelines.models.backbone_channels import STAGE_CHANNELS, check_backbone, c
 from pipelines.models.methods import GradientTrainingSpec, MethodRecord, check_image_score, register
 from pipelines.spec_fields import check_image_size, check_positive
 
+# The bottleneck's width over the target network's channels per stage, as in the authors' code.
+LATENT_RATIO = 0.8
+
 
 @dataclass(frozen=True)
 class PfmConfig:
@@ -30,7 +33,10 @@ class PfmConfig:
     source_backbone: str = "efficientnet_lite0"
     target_backbone: str = "efficientnet_lite2"
     stages: tuple[int, ...] = (1, 2, 3)  # strides 4, 8, 16, as the paper's three levels
-    latent_channels: int = 200  # the shared middle layer, as the authors' code
+    # The shared middle layer's width per stage; empty: LATENT_RATIO x the target network's
+    # channels at that stage, the ratio of the authors' code (200 / 400 / 900 for ResNet50's
+    # 256 / 512 / 1024): a bottleneck narrower than the features, so the mapping cannot copy them.
+    latent_channels: tuple[int, ...] = ()
     image_size: int = 256
     map_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, in pixels (0: none)
     # "max": the paper's (the most anomalous spot); "mean": the whole map's average, which sees a
@@ -45,7 +51,10 @@ class PfmConfig:
             raise SpecError(f"{path}.target_backbone", "must differ from source_backbone: PFM maps between two "
                                                        f"different networks, got {self.target_backbone!r} twice")
         stages = check_stages(self.stages, f"{path}.stages")
-        check_positive(self.latent_channels, f"{path}.latent_channels")
+        if self.latent_channels and (len(self.latent_channels) != len(stages)
+                                     or any(not isinstance(c, int) or c < 1 for c in self.latent_channels)):
+            raise SpecError(f"{path}.latent_channels", f"needs one width >= 1 per stage ({len(stages)} stages "
+                                                       f"{list(stages)}), got {list(self.latent_channels)}")
         # the deepest stage's stride must divide the image
         check_image_size(self.image_size, f"{path}.image_size", minimum=32, multiple=2 ** (max(stages) + 1))
         check_positive(self.map_sigma, f"{path}.map_sigma", allow_zero=True)
@@ -54,6 +63,12 @@ class PfmConfig:
 
     def channels(self, backbone: str) -> tuple[int, ...]:
         return tuple(STAGE_CHANNELS[backbone][s] for s in self.stages)
+
+    def latents(self) -> tuple[int, ...]:
+        """The middle layer's width per stage (`latent_channels`, or its default)."""
+        if self.latent_channels:
+            return tuple(self.latent_channels)
+        return tuple(max(1, round(LATENT_RATIO * c)) for c in self.channels(self.target_backbone))
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ Features: the configured stages of both frozen backbones (shared per process wit
 model that uses them), each L2-normalised over channels at every position, so that the two
 networks' different feature scales do not matter.
 
-Mapping, per level: source -> latent, target -> latent (1x1 conv + LeakyReLU each), one shared
-middle layer (1x1 conv + LeakyReLU), latent -> target and latent -> source (1x1 conv). Loss: the
-mean squared error of both directions, summed over levels.
+Mapping, per level (`LevelMapping`, the shape of the authors' code): source -> latent and
+target -> latent (two 1x1 conv + BatchNorm + ReLU layers each), one shared middle layer (1x1
+conv) to the bottleneck `latent`, latent -> target and latent -> source (three 1x1 conv layers
+each). Loss: the mean squared error of both directions, summed over levels.
 
 Map: per level and direction, the squared error divided by that channel's variance of the
-errors on the training images (measured over the last `variance_steps` steps), summed over
+errors on the training images (measured after each of the last `variance_steps` steps, with the
+mapping in eval mode as it scores), summed over
 channels; averaged over the two directions, bilinearly upsampled to the image, averaged over
 levels, smoothed (Gaussian, `map_sigma`). Image score: the map's max (or mean, `image_score`).
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.errors import InputError
 from pipelines.models.anomaly_maps import gaussian_blur, image_scores
 from pipelines.models.artifacts import ALL_CATEGORIES, renamed
 from pipelines.models.backbones import shared_feature_extractor
@@ -36,20 +39,31 @@ DIRECTIONS = ("source_to_target", "target_to_source")
 _META_FORMAT = "adpipe.pfm-train/1"
 
 
-def _conv(inputs: int, outputs: int) -> nn.Conv2d:
-    return nn.Conv2d(inputs, outputs, kernel_size=1)
+def _layers(widths: Sequence[int], last_plain: bool) -> nn.Sequential:
+    """1x1 convolutions through `widths`, each followed by BatchNorm + ReLU, except the last
+    when `last_plain` (an output that must reach any value: features, or the shared code)."""
+    layers: list[nn.Module] = []
+    for index, (inputs, outputs) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Conv2d(inputs, outputs, kernel_size=1))
+        if not (last_plain and index == len(widths) - 2):
+            layers += [nn.BatchNorm2d(outputs), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 class LevelMapping(nn.Module):
-    """Both directions of one level through a shared middle layer."""
+    """Both directions of one level through a shared middle layer, shaped as the authors' code
+    (MB-PFM): each side's encoder widens to `c/2 + latent` and `2 latent`, the shared layer
+    narrows to `latent`, each decoder widens back through `2 latent` and `c/2 + latent` to the
+    other network's `c` channels."""
 
     def __init__(self, source_channels: int, target_channels: int, latent: int):
         super().__init__()
-        self.source_in = nn.Sequential(_conv(source_channels, latent), nn.LeakyReLU(0.2))
-        self.target_in = nn.Sequential(_conv(target_channels, latent), nn.LeakyReLU(0.2))
-        self.middle = nn.Sequential(_conv(latent, latent), nn.LeakyReLU(0.2))
-        self.to_target = _conv(latent, target_channels)
-        self.to_source = _conv(latent, source_channels)
+        s, t, k = source_channels, target_channels, latent
+        self.source_in = _layers((s, s // 2 + k, 2 * k), last_plain=False)
+        self.target_in = _layers((t, t // 2 + k, 2 * k), last_plain=False)
+        self.middle = _layers((2 * k, k), last_plain=True)
+        self.to_target = _layers((k, 2 * k, t // 2 + k, t), last_plain=True)
+        self.to_source = _layers((k, 2 * k, s // 2 + k, s), last_plain=True)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (target predicted from source, source predicted from target)."""
@@ -64,9 +78,9 @@ class Mappings(nn.Module):
     def __init__(self, config: PfmConfig):
         super().__init__()
         self.levels = nn.ModuleList(
-            LevelMapping(s, t, config.latent_channels)
-            for s, t in zip(config.channels(config.source_backbone), config.channels(config.target_backbone),
-                            strict=True))
+            LevelMapping(s, t, latent)
+            for s, t, latent in zip(config.channels(config.source_backbone), config.channels(config.target_backbone),
+                                    config.latents(), strict=True))
 
     def forward(self, source: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         """Per level (error source->target, error target->source), each (B, C, h, w)."""
@@ -209,9 +223,19 @@ class PfmTrainingState:
         loss.backward()
         self.optimizer.step()
         if self.step >= self.params.training.steps - self.params.variance_steps:
-            self._accumulate(errors)
+            self._accumulate(self._scoring_errors(source, target))
         self.step += 1
         return {"loss": float(loss.item()), "lr": float(self.params.optim.lr[0])}
+
+    @torch.no_grad()
+    def _scoring_errors(self, source: list[torch.Tensor], target: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        """The errors of the mapping as just updated, in eval mode (BatchNorm's running
+        statistics), as the scorer will see them; the training batch's statistics would differ."""
+        self.module.eval()
+        try:
+            return self.module(source, target)
+        finally:
+            self.module.train()
 
     @torch.no_grad()
     def _accumulate(self, errors: list[tuple[torch.Tensor, ...]]) -> None:
@@ -266,10 +290,14 @@ class PfmImplementation:
     @staticmethod
     def describe(config: PfmConfig) -> str:
         return (f"pfm ({config.source_backbone} <-> {config.target_backbone}, stages {list(config.stages)}, "
-                f"latent {config.latent_channels}, {config.image_size}px, image score {config.image_score})")
+                f"latent {list(config.latents())}, {config.image_size}px, image score {config.image_score})")
 
     @staticmethod
     def build(config: PfmConfig, tensors: dict[str, torch.Tensor] | None) -> Pfm:
+        if not isinstance(config.latent_channels, tuple):
+            # adpipe before the mapping took the authors' shape saved one width for every level
+            raise InputError("this PFM model was saved by an earlier adpipe whose mapping had one layer per side "
+                             "(latent_channels a single number); retrain it with this version")
         mappings = Mappings(config)
         if tensors is None:  # untrained: unit variances
             return Pfm(config, mappings, {name: torch.ones(channels) for name, channels
