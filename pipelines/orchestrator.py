@@ -111,8 +111,35 @@ def ray_runtime(ray_spec: RaySpec, address_override: str | None = None, *,
     data_context.raise_original_map_exception = True
     try:
         yield
+    except BaseException as raised:
+        release_frames(raised)
+        raise
     finally:
         ray.shutdown()
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames that `error` (and the errors chained to it)
+    passed through, then collect, so what they held is released now.
+
+    An error raised mid-iteration (SIGTERM during a stage, a failing batch) keeps the stage's
+    frames alive through its traceback, and with them the Ray Data iterators and their streaming
+    executors' threads. Released before `ray.shutdown()`, the iterators close their executors while
+    Ray is still up; left alone, shutdown ran under live executors, which once held a terminated run
+    for over a minute on a loaded 2-core machine. The traceback still formats (file, line, code);
+    only the frames' locals are gone. Executing frames (the caller's) are left as they are."""
+    import gc
+
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+    gc.collect()
 
 
 def already_published(step: StepSpec, context: StepContext, previous: dict[str, Any]) -> bool:

@@ -163,8 +163,8 @@ def test_a_terminated_run_records_that_it_failed_and_why(tmp_path, file_root):
     while time.monotonic() < deadline and not list((dataset / "_parts").glob("*.json")):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    # Usually gone within 3 s; once, on a loaded 2-core CI machine, Ray's shutdown under a
-    # still-running Ray Data executor took over a minute.
+    # Usually gone within 3 s. (Before ray_runtime released the failed stage's frames, Ray's
+    # shutdown could run under a still-running Ray Data executor: once over a minute.)
     _, stderr = process.communicate(timeout=180)
     assert process.returncode == 143 and "interrupted by SIGTERM" in stderr, stderr
     status = adpipe("status", "term-run", "--root", file_root).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,52 @@ def test_a_store_outage_mid_run_exits_1_naming_the_first_failure(tmp_path):
         assert "unexpected error" not in stderr and "status.json" not in lines[0]
     finally:
         objectstore.stop_pid(store.pid)
+
+
+# Runs in a child process (ray_runtime leaves the session's Ray alone and shuts down only one it
+# started). A stage fails mid-iteration with its Ray Data iterator held in a local variable, as a
+# stage's loop holds it; the caller keeps the error while it records the failure, as run_job does.
+FAILING_MID_ITERATION = """
+import json
+import ray, ray.data
+from pipelines.orchestrator import ray_runtime
+from pipelines.spec_fields import RaySpec
+
+closed_while_ray_was_up = []
+
+def batches():
+    iterator = ray.data.range(4000, override_num_blocks=40).map_batches(lambda b: b).iter_batches(batch_size=10)
+    try:
+        yield from iterator
+    finally:
+        closed_while_ray_was_up.append(ray.is_initialized())
+
+def stage():
+    stream = batches()
+    for number, _ in enumerate(stream):
+        if number == 3:
+            raise RuntimeError("a batch failed")
+
+try:
+    with ray_runtime(RaySpec(address="local", num_cpus=1)):
+        stage()
+except RuntimeError as held:
+    print(json.dumps({"closed": closed_while_ray_was_up, "error": str(held)}))
+"""
+
+
+def test_an_error_mid_iteration_closes_the_iterators_before_ray_shuts_down(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ADPIPE_RAY_LOG_TO_DRIVER": "0",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    # Without the release the child printed its report and then never exited: its streaming
+    # executor's threads kept it alive (the timeout is what fails then).
+    done = subprocess.run([sys.executable, "-c", FAILING_MID_ITERATION], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["error"] == "a batch failed"
+    # Closed once, while Ray was still up: not later, under an already shut-down Ray (or never).
+    assert report["closed"] == [True], report

@@ -406,6 +406,16 @@ def _png(array) -> bytes:
     return buffer.getvalue()
 
 
+def write_scores(path: Path, items: list[dict], scores_by_detector: dict[str, dict[str, float]]) -> None:
+    """The split's test cells (id, cell type, label) and every detector's score for each."""
+    import json
+
+    test = [{"image_id": r["image_id"], "category": r["category"], "label": r["label"]}
+            for r in items if r["split"] == "test"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"test": test, "scores": scores_by_detector}, sort_keys=True))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", default="0,1,2,3,4", help="comma-separated ELPV split seeds (0 is the demo's)")
@@ -422,6 +432,9 @@ def main() -> int:
                         help="comma-separated; also diffusion_kl_conditional (not in the default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--scores-out", type=Path, default=None,
+                        help="also write each split's per-image scores and labels to "
+                             "DIR/split-<seed>.json, for analyses that need no retraining")
     args = parser.parse_args()
     import torch
 
@@ -433,37 +446,46 @@ def main() -> int:
         test_count = sum(r["split"] == "test" for r in items)
         detectors = args.detectors.split(",")
         rows = {}
+        scores_by_detector: dict[str, dict[str, float]] = {}
         if "padim" in detectors:
             padim, padim_seconds = adpipe_scores(items, channel_seed=0, batch_size=args.batch_size)
             rows["padim"] = auroc_per_category(items, padim)
+            scores_by_detector["padim"] = padim
             speed.setdefault("padim", []).append(test_count / padim_seconds)
         if "pfm" in detectors:
             pfm, pfm_seconds, pfm_count = pfm_scores(items, args.pfm_steps, args.batch_size)
             rows["pfm (max)"] = auroc_per_category(items, pfm["max"])
             rows["pfm (mean)"] = auroc_per_category(items, pfm["mean"])
+            scores_by_detector.update({"pfm (max)": pfm["max"], "pfm (mean)": pfm["mean"]})
             speed.setdefault("pfm", []).append(pfm_count / pfm_seconds)
         if "realnet" in detectors:
             realnet, realnet_seconds, realnet_count = realnet_scores(items, args.realnet_steps, args.batch_size,
                                                                      args.realnet_per_image)
             rows["realnet"] = auroc_per_category(items, realnet)
+            scores_by_detector["realnet"] = realnet
             speed.setdefault("realnet", []).append(realnet_count / realnet_seconds)
         if "resad" in detectors:
             resad, resad_seconds, resad_count = resad_scores(items, args.resad_steps, args.batch_size,
                                                              args.realnet_per_image, args.resad_shots)
             rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
+            scores_by_detector[f"resad {args.resad_shots}-shot"] = resad
             speed.setdefault("resad", []).append(resad_count / resad_seconds)
         if "diffusion" in detectors:
             diffusion, diffusion_seconds, diffusion_count = diffusion_scores(
                 items, args.diffusion_steps, args.batch_size, args.diffusion_size, args.diffusion_feature_head)
             for name, values in diffusion.items():
                 rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, values)
+                scores_by_detector[f"{name} {args.diffusion_size}px"] = values
                 speed.setdefault(name, []).append(diffusion_count / diffusion_seconds[name])
         if "diffusion_kl_conditional" in detectors:
             conditional, conditional_seconds, conditional_count = class_conditional_kl_scores(
                 items, args.diffusion_steps, args.batch_size, args.diffusion_size, args.diffusion_feature_head)
             name = f"diffusion_kl{'+head' if args.diffusion_feature_head else ''} class-conditional"
             rows[f"{name} {args.diffusion_size}px"] = auroc_per_category(items, conditional)
+            scores_by_detector[f"{name} {args.diffusion_size}px"] = conditional
             speed.setdefault(name, []).append(conditional_count / conditional_seconds)
+        if args.scores_out is not None:
+            write_scores(args.scores_out / f"split-{split}.json", items, scores_by_detector)
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
             print(f"split {split} {name:18s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
