@@ -367,6 +367,14 @@ def test_a_class_conditional_model_scores_each_category_with_its_class_and_its_m
     for name in ("a", "b"):
         expected, got = views[name].score(images, ids), loaded.models[name].score(images, ids)
         assert torch.equal(got.scores, expected.scores) and torch.equal(got.maps, expected.maps)
+    # A loaded model saves again as it was saved: the whole network once, not a view per class.
+    again = Location.parse(file_root).join("models", "kl-classes", "2")
+    loaded.save(again)
+    assert again.join("model.safetensors").read_bytes() == folder.join("model.safetensors").read_bytes()
+    assert ModelCard.read(again).categories == ModelCard.read(folder).categories
+    reloaded = ModelCard.read(again).load()
+    for name in ("a", "b"):
+        assert torch.equal(reloaded.models[name].score(images, ids).maps, views[name].score(images, ids).maps)
 
 
 def test_bad_parameters_are_refused_naming_the_field(file_root):

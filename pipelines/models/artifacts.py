@@ -86,9 +86,11 @@ class ModelCard:
 
         tensors = load_safetensors(self.folder.join("model.safetensors").read_bytes())
         by_key = {key: renamed(tensors, f"{key}/") for key in self.categories}
+        implementation = self.record.load()
+        stored = {key: implementation.build(self.config, named).to(device).eval() for key, named in by_key.items()}
         return TrainedModels(method=self.method, config=self.config,
-                             models=build_models(self.record.load(), self.config, by_key, device),
-                             thresholds=dict(self.thresholds), info=self.info)
+                             models=category_models(implementation, self.config, stored),
+                             thresholds=dict(self.thresholds), info=self.info, stored=stored)
 
 
 @dataclass
@@ -100,6 +102,9 @@ class TrainedModels:
     models: dict[str, Any]  # torch modules built by the method; a detector's answer `methods.Detector`
     thresholds: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # calibration details, lineage
+    # The models under the keys they are saved with, where the method serves categories through
+    # views of one saved model (`category_models`); None: `models` are those.
+    stored: dict[str, Any] | None = None
 
     @property
     def image_size(self) -> int:
@@ -112,7 +117,8 @@ class TrainedModels:
         return ALL_CATEGORIES if ALL_CATEGORIES in self.models else None
 
     def save(self, folder: Location, lineage: dict[str, Any] | None = None) -> None:
-        save_artifact(folder, self.method, self.config, {key: model.tensors() for key, model in self.models.items()},
+        stored = self.models if self.stored is None else self.stored
+        save_artifact(folder, self.method, self.config, {key: model.tensors() for key, model in stored.items()},
                       thresholds=self.thresholds, info=self.info, lineage=lineage)
 
     @classmethod
@@ -127,8 +133,14 @@ def build_models(implementation: Any, config: Any, tensors: dict[str, dict[str, 
     their own (a class-conditional network, one view per class). What is calibrated, looked up by
     category and given a threshold is what this returns."""
     models = {key: implementation.build(config, named).to(device).eval() for key, named in tensors.items()}
-    category_models = getattr(implementation, "category_models", None)
-    return category_models(config, models) if category_models is not None else models
+    return category_models(implementation, config, models)
+
+
+def category_models(implementation: Any, config: Any, models: dict[str, Any]) -> dict[str, Any]:
+    """The saved `models` as the categories' models, through the implementation's optional
+    `category_models(config, models)` (see `build_models`)."""
+    split = getattr(implementation, "category_models", None)
+    return split(config, models) if split is not None else models
 
 
 def renamed(tensors: dict[str, torch.Tensor], prefix: str, new_prefix: str = "") -> dict[str, torch.Tensor]:
