@@ -35,7 +35,8 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
 
 Prints one line per split and detector and the mean and spread (sample std) over splits; a
 difference within the spread is not a win. Also the test images/s of each detector's forward
-pass (decode excluded) on this machine, measured in the same run.
+pass (decode excluded) on this machine, measured in the same run. With --scores-out DIR every
+detector's per-image test scores go to DIR/split-<seed>.json too (fusions, paired tests).
 
     .venv/bin/python ops/bench/detector_quality.py [--splits 0,1,2,3,4] [--pfm-steps 1000] [--threads 2]
 
