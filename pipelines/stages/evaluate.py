@@ -121,7 +121,8 @@ def _pixel_data(rows: pa.Table, images: Location) -> tuple[np.ndarray, np.ndarra
 
 
 def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, seed: int
-              ) -> tuple[list[ExampleImage], list[ExampleImage]]:
+              ) -> tuple[list[ExampleImage], list[ExampleImage], dict[str, bytes]]:
+    """(most anomalous, random normals, their encoded images by id: what `explain` reads)."""
     labels = np.asarray(rows["label"].to_pylist())
     scores = np.asarray(rows["score"].to_pylist(), np.float64)
     top = np.argsort(-scores[labels == 1], kind="stable")[:anomalous]
@@ -131,7 +132,8 @@ def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, see
     chosen = [int(i) for i in (*anomalous_rows, *normal_rows)]
     ids = rows["image_id"].to_pylist()
     found = _read_images(images, {ids[i] for i in chosen}, ["image"])
-    out: tuple[list[ExampleImage], list[ExampleImage]] = ([], [])
+    sections: tuple[list[ExampleImage], list[ExampleImage]] = ([], [])
+    encoded: dict[str, bytes] = {}
     for position, i in enumerate(chosen):
         row = {name: rows[name][i].as_py() for name in
                ("image_id", "category", "label", "score", "anomaly_map", "anomaly_map_min", "anomaly_map_max")}
@@ -141,11 +143,12 @@ def _examples(rows: pa.Table, images: Location, anomalous: int, normal: int, see
         image = found.get(row["image_id"], {}).get("image")
         if image is None:
             continue
+        encoded[row["image_id"]] = image
         # Each example stays in its section even when another's image is missing.
-        out[0 if position < len(anomalous_rows) else 1].append(
+        sections[0 if position < len(anomalous_rows) else 1].append(
             ExampleImage(image_id=row["image_id"], image=decode_rgb(image, size), anomaly_map=anomaly_map,
                          score=row["score"], label=row["label"], category=row["category"]))
-    return out
+    return sections[0], sections[1], encoded
 
 
 def run(step: StepSpec, context: StepContext) -> StepResult:
@@ -179,16 +182,15 @@ def run(step: StepSpec, context: StepContext) -> StepResult:
         mean[name] = float(np.mean(values)) if values else None
 
     explain_cards = check_models(params.explain, context) if params.explain is not None else None  # fail early
-    anomalous_examples, normal_examples = _examples(table, images, params.anomalous_examples,
-                                                    params.normal_examples, params.seed)
+    anomalous_examples, normal_examples, encoded = _examples(table, images, params.anomalous_examples,
+                                                             params.normal_examples, params.seed)
     out = context.record.folder.join("steps", step.name)
     explained: list[Explained] = []
     notes: list[str] = []
     if params.explain is not None and explain_cards is not None:
-        shown = anomalous_examples[:params.explain.count]
-        encoded = _read_images(images, {e.image_id for e in shown}, ["image"])
+        shown = anomalous_examples[:params.explain.count]  # their images were read with the examples
         explained, notes = explain(params.explain, explain_cards,
-                                   [(e.image_id, e.category, encoded[e.image_id]["image"]) for e in shown],
+                                   [(e.image_id, e.category, encoded[e.image_id]) for e in shown],
                                    out.join("explanations"))
         by_id = {e.image_id: e for e in explained}
         anomalous_examples = [
