@@ -120,6 +120,10 @@ def test_pfm_trains_on_ray_and_finds_local_and_global_texture_defects(ray_sessio
     outcome = run_job(spec, run_id="pfm-1", echo=quiet)
     config = Location.parse(outcome.results["train"].output).join("config.json").read_json()
     assert config["method"] == "pfm" and set(config["thresholds"]) == {"*"}
+    # The summary gives the one network's images once, not "0 images" per model key.
+    train_summary = outcome.results["train"].summary
+    assert f"on {config['info']['trained_images']} images" in train_summary[0], train_summary
+    assert any(line.strip().startswith("*: threshold ") for line in train_summary), train_summary
     scores = datasets.read_table(Location.parse(outcome.results["score"].output)).to_pylist()
     assert len(scores) == 30 and not any(row["error"] for row in scores)
     by_type: dict[str, list[float]] = {}

@@ -208,9 +208,12 @@ def publish_model(params: TrainParams, context: StepContext, rows: TrainingRows,
     return folder
 
 
-def threshold_lines(models: dict[str, Any], counts: dict[str, int], thresholds: dict[str, float],
+def threshold_lines(models: dict[str, Any], counts: dict[str, int] | None, thresholds: dict[str, float],
                     calibration: dict[str, dict[str, Any]]) -> list[str]:
-    return [f"  {key}: {counts.get(key, 0)} images, threshold {thresholds[key]:.4f} "
+    """One line per model key: its threshold and what calibrated it, and (`counts`, where each key
+    is fitted on its own images) how many images it was fitted on."""
+    return [f"  {key}: " + (f"{counts.get(key, 0)} images, " if counts is not None else "")
+            + f"threshold {thresholds[key]:.4f} "
             f"({calibration[key]['method']} over {calibration[key]['normal_images']} held-out normals)"
             for key in sorted(models) if key in thresholds]
 

@@ -323,7 +323,8 @@ def fit(params: TrainParams, context: StepContext) -> StepResult:
         started=started, checkpoints=train_folder.uri)
     lines = [f"trained {published.summary} for {meta['step']} steps on {trained} images with "
              f"{resources.workers} worker(s) in {train_seconds:.1f} s -> {folder.uri}"]
-    lines += calibration.threshold_lines(thresholds, {}, thresholds, details)
+    # One network learnt from all `trained` images (the line above): no per-key image count.
+    lines += calibration.threshold_lines(thresholds, None, thresholds, details)
     if final.get("resumed_from"):
         lines.append(f"  resumed from the checkpoint at step {final['resumed_from']}")
     if final.get("skipped_undecodable"):
