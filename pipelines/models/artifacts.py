@@ -87,7 +87,7 @@ class ModelCard:
         tensors = load_safetensors(self.folder.join("model.safetensors").read_bytes())
         by_key = {key: renamed(tensors, f"{key}/") for key in self.categories}
         implementation = self.record.load()
-        stored = {key: implementation.build(self.config, named).to(device).eval() for key, named in by_key.items()}
+        stored = saved_models(implementation, self.config, by_key, device)
         return TrainedModels(method=self.method, config=self.config,
                              models=category_models(implementation, self.config, stored),
                              thresholds=dict(self.thresholds), info=self.info, stored=stored)
@@ -132,8 +132,13 @@ def build_models(implementation: Any, config: Any, tensors: dict[str, dict[str, 
     `category_models(config, models)`: how one saved model serves several categories as models of
     their own (a class-conditional network, one view per class). What is calibrated, looked up by
     category and given a threshold is what this returns."""
-    models = {key: implementation.build(config, named).to(device).eval() for key, named in tensors.items()}
-    return category_models(implementation, config, models)
+    return category_models(implementation, config, saved_models(implementation, config, tensors, device))
+
+
+def saved_models(implementation: Any, config: Any, tensors: dict[str, dict[str, torch.Tensor]],
+                 device: str = "cpu") -> dict[str, Any]:
+    """Every saved key's model, on `device`, in eval mode (before `category_models`)."""
+    return {key: implementation.build(config, named).to(device).eval() for key, named in tensors.items()}
 
 
 def category_models(implementation: Any, config: Any, models: dict[str, Any]) -> dict[str, Any]:
