@@ -39,6 +39,8 @@ class ObjectStore:
     secret_key: str = field(repr=False)  # never shown in logs or test reports
     pid: int = 0
     data_dir: str = ""
+    # Every port the server listens on (HTTP and gRPC): weed names its local sockets after them.
+    ports: tuple[int, ...] = ()
 
     def env(self) -> dict[str, str]:
         """The environment a client needs (contains the secret: never print it)."""
@@ -67,11 +69,21 @@ def free_port() -> int:
 def _free_ports(count: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < count:
-        port = free_port()
-        # weed also listens on port+10000 for gRPC of the master, volume and filer servers.
-        if port + 10000 < 65536:
-            ports.add(port)
+        ports.add(free_port())
     return sorted(ports)
+
+
+# weed server creates a Unix socket per listening port under /tmp (hard-coded in weed 4.x for the
+# gRPC ones: no flag moves them) and leaves most of them behind when it stops, on SIGTERM too.
+LOCAL_SOCKET_DIR = Path("/tmp")
+
+
+def local_sockets(ports: Sequence[int]) -> list[Path]:
+    """The local socket files weed made for these ports (`seaweedfs-<server>[-grpc]-<port>.sock`)."""
+    found: list[Path] = []
+    for port in ports:
+        found += LOCAL_SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock")
+    return sorted(found)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,7 +139,9 @@ def start(state_dir: Path, buckets: Sequence[str] = ()) -> ObjectStore:
     state_dir = Path(state_dir)
     data_dir = state_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    s3_port, master_port, volume_port, filer_port = _free_ports(4)
+    # The gRPC ports too: weed's default, HTTP port + 10000, was never checked to be free.
+    ports = _free_ports(8)
+    s3_port, master_port, volume_port, filer_port, *grpc_ports = ports
     access_key = "adpipe" + secrets.token_hex(6)
     secret_key = secrets.token_urlsafe(24)
     config_path = state_dir / "s3-identities.json"
@@ -141,6 +155,8 @@ def start(state_dir: Path, buckets: Sequence[str] = ()) -> ObjectStore:
         weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master_port}", f"-volume.port={volume_port}", f"-filer.port={filer_port}",
         "-s3", f"-s3.port={s3_port}", f"-s3.config={config_path}",
+        *(f"-{server}.port.grpc={port}" for server, port in zip(("master", "volume", "filer", "s3"), grpc_ports,
+                                                                 strict=True)),
         # SeaweedFS 4.x also starts an Iceberg catalog (:8181) and a Lance server (:9101) beside
         # S3 on fixed ports: a second server on the machine then dies at start-up. We need neither.
         "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -151,12 +167,13 @@ def start(state_dir: Path, buckets: Sequence[str] = ()) -> ObjectStore:
     # A session of its own, so that a Ctrl-C in the caller's terminal does not hit the server.
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
-    store = ObjectStore(f"http://127.0.0.1:{s3_port}", access_key, secret_key, process.pid, str(data_dir))
+    store = ObjectStore(f"http://127.0.0.1:{s3_port}", access_key, secret_key, process.pid, str(data_dir),
+                        tuple(ports))
     try:
         _wait_until_ready(store, time.monotonic() + START_TIMEOUT_S)
         create_buckets(store, list(buckets))
     except BaseException:
-        stop_pid(process.pid)
+        stop_server(store)
         raise
     _write_state(state_dir, store)
     return store
@@ -173,12 +190,19 @@ def _write_state(state_dir: Path, store: ObjectStore) -> None:
         path.chmod(0o600)
 
 
-def load_state(state_dir: Path) -> ObjectStore | None:
+def _recorded_store(state_dir: Path) -> ObjectStore | None:
+    """The server `start` recorded in `state_dir`, running or not."""
     state = Path(state_dir) / "objectstore.json"
     if not state.exists():
         return None
-    store = ObjectStore(**json.loads(state.read_text()))
-    return store if _pid_alive(store.pid) else None
+    fields = json.loads(state.read_text())
+    return ObjectStore(**{**fields, "ports": tuple(fields.get("ports", ()))})  # JSON gives a list
+
+
+def load_state(state_dir: Path) -> ObjectStore | None:
+    """The server recorded in `state_dir` if it is running."""
+    store = _recorded_store(state_dir)
+    return store if store is not None and _pid_alive(store.pid) else None
 
 
 def stop_pid(pid: int, grace_s: float = 5.0) -> None:
@@ -200,14 +224,26 @@ def stop_pid(pid: int, grace_s: float = 5.0) -> None:
         time.sleep(0.1)
 
 
+def stop_server(store: ObjectStore) -> None:
+    """Stop the server (`stop_pid`) and remove the local sockets it left in /tmp."""
+    stop_pid(store.pid)
+    if _pid_alive(store.pid):
+        return  # still running (it ignored SIGKILL's grace): its sockets are in use
+    for path in local_sockets(store.ports):
+        path.unlink(missing_ok=True)
+
+
 def stop(state_dir: Path) -> bool:
-    store = load_state(state_dir)
+    """Stop the server recorded in `state_dir`; False if it was not running (its sockets are
+    removed either way)."""
+    store = _recorded_store(state_dir)
     for name in ("objectstore.json", "env"):
         (Path(state_dir) / name).unlink(missing_ok=True)
     if store is None:
         return False
-    stop_pid(store.pid)
-    return True
+    running = _pid_alive(store.pid)
+    stop_server(store)
+    return running
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def s3_store(tmp_path_factory):
     os.environ.update(store.env())
     storage._FILESYSTEMS.clear()  # filesystems built before now resolved other credentials
     yield store
-    objectstore.stop_pid(store.pid)
+    objectstore.stop_server(store)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -371,7 +371,7 @@ def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_e
         second = start(env)
         before = parts_done()
         wait_for(second, lambda: parts_done() > before, "the store could be stopped")
-        objectstore.stop_pid(store.pid)
+        objectstore.stop_server(store)
         outputs.append(second.communicate(timeout=300)[0])
         assert second.returncode == 1, outputs[-1]
         [line] = [x for x in outputs[-1].splitlines() if x.startswith("adpipe:")]
@@ -402,7 +402,7 @@ def test_faults_mid_night_concurrent_runs_killed_processes_a_store_outage_then_e
             assert not any(secret in text for text in outputs), "a secret key in the output"
             assert not any(secret.encode() in data for data in stored), "a secret key in a record or the catalog"
     finally:
-        objectstore.stop_pid(store.pid)
+        objectstore.stop_server(store)
 
 
 # ---- no Ray ------------------------------------------------------------------------------------

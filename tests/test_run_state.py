@@ -100,7 +100,7 @@ def test_a_store_outage_mid_run_exits_1_naming_the_first_failure(tmp_path):
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the job ended before the store could be stopped"
-        objectstore.stop_pid(store.pid)  # mid-step: parts are being written
+        objectstore.stop_server(store)  # mid-step: parts are being written
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 1, stderr
         lines = [line for line in stderr.splitlines() if line.startswith("adpipe:")]
@@ -109,7 +109,7 @@ def test_a_store_outage_mid_run_exits_1_naming_the_first_failure(tmp_path):
         assert lines[0].startswith("adpipe: error: cannot ") and "s3://outage/root/" in lines[0], lines[0]
         assert "unexpected error" not in stderr and "status.json" not in lines[0]
     finally:
-        objectstore.stop_pid(store.pid)
+        objectstore.stop_server(store)
 
 
 # Runs in a child process (ray_runtime leaves the session's Ray alone and shuts down only one it

@@ -130,3 +130,28 @@ def test_a_manifest_listing_parts_outside_its_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="unsafe path '../../../outside.parquet'"):
         datasets.part_locations(folder, manifest)
     assert json.loads(folder.join("_manifest.json").read_bytes())["name"] == "evil"
+
+
+def test_the_object_store_cli_leaves_no_sockets_behind(tmp_path):
+    """`python -m pipelines.objectstore up/down` (what ops/objectstore.sh runs): every local socket
+    weed makes in /tmp is named after a port the server recorded, and `down` removes them all
+    (weed itself leaves most behind, a few per server and test run)."""
+    from pipelines import objectstore
+
+    def weed_sockets() -> set:
+        return set(objectstore.LOCAL_SOCKET_DIR.glob("seaweedfs-*.sock"))
+
+    state_dir = tmp_path / "store"
+    before = weed_sockets()  # other servers' (the session's store, litter of older weed runs)
+    assert objectstore.main(["up", "--state-dir", str(state_dir)]) == 0
+    store = objectstore.load_state(state_dir)
+    assert store is not None and len(store.ports) == 8
+    try:
+        sockets = objectstore.local_sockets(store.ports)
+        # weed makes them as its servers come up; S3 answering means the s3 and master ones exist
+        assert any("master-grpc" in p.name for p in sockets) and any("-s3-" in p.name for p in sockets), sockets
+        assert weed_sockets() - before <= set(sockets), "a socket named after a port the store did not record"
+    finally:
+        assert objectstore.main(["down", "--state-dir", str(state_dir)]) == 0
+    assert objectstore.local_sockets(store.ports) == []
+    assert objectstore.main(["down", "--state-dir", str(state_dir)]) == 0  # already stopped: still fine

@@ -113,7 +113,7 @@ def object_store(keep: bool = False) -> Iterator[dict]:
         yield {"state_dir": str(state_dir), "weed_pid": store.pid}
     finally:
         if store is not None:
-            objectstore.stop_pid(store.pid)
+            objectstore.stop_server(store)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
