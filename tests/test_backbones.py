@@ -17,18 +17,20 @@ CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, E
 ESPRESSO = 967
 
 
-def imagenet_input(image: np.ndarray) -> torch.Tensor:
+def imagenet_input(image: np.ndarray, name: str) -> torch.Tensor:
+    """The image as the backbone's ImageNet training saw its inputs (its own normalisation)."""
+    spec = backbones.backbone_spec(name)
     x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
     x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
-    return (x - 0.5) / 0.5
+    return (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
 def test_weights_are_the_real_imagenet_ones(name):
     model = create_classifier(name)
     with torch.no_grad():
-        cat = model(imagenet_input(skimage.data.chelsea())).argmax().item()
-        coffee = model(imagenet_input(skimage.data.coffee())).argmax().item()
+        cat = model(imagenet_input(skimage.data.chelsea(), name)).argmax().item()
+        coffee = model(imagenet_input(skimage.data.coffee(), name)).argmax().item()
     assert cat in CAT_CLASSES
     assert coffee == ESPRESSO
 

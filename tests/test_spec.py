@@ -528,7 +528,7 @@ BAD_SPECS = [
     pytest.param(with_changes(PADIM_JOB, "padim", {"stages": [4], "kept_channels": 321}), "padim.kept_channels",
                  "must be at most 320", id="kept-channels-above-stage-4"),
     pytest.param(with_changes(PADIM_JOB, "padim.backbone", "resnet18"), "padim.backbone",
-                 "expected one of efficientnet_lite0, efficientnet_lite2", id="unknown-backbone"),
+                 "expected one of efficientnet_lite0, efficientnet_lite1, efficientnet_lite2", id="unknown-backbone"),
     pytest.param(with_changes(PADIM_JOB, "padim.stages", [1, 5]), "padim.stages", "increasing indices in 0..4",
                  id="padim-stage-5"),
     pytest.param(with_changes(DDPM_JOB, "padim", {"kept_channels": 0}), "padim",

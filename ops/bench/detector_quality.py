@@ -47,6 +47,7 @@ Not tuned on ELPV: PFM's settings are the paper's; only the step count is set by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -57,8 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from padim_quality import CATEGORIES, adpipe_scores, auroc_per_category, elpv_split  # noqa: E402
 
 
-def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str, dict[str, float]], float, int]:
-    """({"max" | "mean": {image_id: score}}, seconds scoring, test images scored)."""
+def pfm_scores(items: list[dict], steps: int, batch_size: int, **model: object
+               ) -> tuple[dict[str, dict[str, float]], float, int]:
+    """({"max" | "mean": {image_id: score}}, seconds scoring, test images scored). `model`:
+    PfmConfig fields instead of its defaults (source_backbone, image_size, ...)."""
     import numpy as np
     import torch
 
@@ -68,6 +71,8 @@ def pfm_scores(items: list[dict], steps: int, batch_size: int) -> tuple[dict[str
     from pipelines.models.pfm.model import IMPLEMENTATION as PFM
 
     params = PfmParams(training=GradientTrainingSpec(steps=steps), variance_steps=min(50, steps))
+    if model:
+        params = dataclasses.replace(params, model=dataclasses.replace(params.model, **model).validate("pfm.model"))
     size = params.image_size
     scores: dict[str, dict[str, float]] = {"max": {}, "mean": {}}
     seconds, count = 0.0, 0
@@ -421,6 +426,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", default="0,1,2,3,4", help="comma-separated ELPV split seeds (0 is the demo's)")
     parser.add_argument("--pfm-steps", type=int, default=1000)
+    parser.add_argument("--pfm-backbones", default=None, metavar="SOURCE,TARGET",
+                        help="PFM's two networks (default: PfmConfig's)")
+    parser.add_argument("--pfm-image-size", type=int, default=None, help="PFM's input size (default: PfmConfig's)")
     parser.add_argument("--realnet-steps", type=int, default=1000)
     parser.add_argument("--realnet-per-image", type=int, default=2)
     parser.add_argument("--resad-steps", type=int, default=600)
@@ -437,6 +445,12 @@ def main() -> int:
                         help="also write each split's per-image scores and labels to "
                              "DIR/split-<seed>.json, for analyses that need no retraining")
     args = parser.parse_args()
+    pfm_model: dict[str, object] = {}
+    if args.pfm_backbones:
+        source, _, target = args.pfm_backbones.partition(",")
+        pfm_model.update(source_backbone=source, target_backbone=target)
+    if args.pfm_image_size:
+        pfm_model["image_size"] = args.pfm_image_size
     import torch
 
     torch.set_num_threads(args.threads)
@@ -454,7 +468,7 @@ def main() -> int:
             scores_by_detector["padim"] = padim
             speed.setdefault("padim", []).append(test_count / padim_seconds)
         if "pfm" in detectors:
-            pfm, pfm_seconds, pfm_count = pfm_scores(items, args.pfm_steps, args.batch_size)
+            pfm, pfm_seconds, pfm_count = pfm_scores(items, args.pfm_steps, args.batch_size, **pfm_model)
             rows["pfm (max)"] = auroc_per_category(items, pfm["max"])
             rows["pfm (mean)"] = auroc_per_category(items, pfm["mean"])
             scores_by_detector.update({"pfm (max)": pfm["max"], "pfm (mean)": pfm["mean"]})
@@ -490,7 +504,8 @@ def main() -> int:
         for name, values in rows.items():
             results.setdefault(name, []).append(values)
             print(f"split {split} {name:18s} " + "  ".join(f"{c} {values[c]:.4f}" for c in CATEGORIES), flush=True)
-    print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps, RealNet "
+    print(f"\nimage AUROC over splits {args.splits} (mean +- sample std), PFM {args.pfm_steps} steps"
+          f"{''.join(f' {k}={v}' for k, v in pfm_model.items())}, RealNet "
           f"{args.realnet_steps} steps, ResAD {args.resad_steps} steps (trained on the other cell type), DDPM "
           f"{args.diffusion_steps} steps at {args.diffusion_size} px:")
     for name, values in results.items():

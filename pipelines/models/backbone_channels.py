@@ -14,6 +14,7 @@ from pipelines.spec_fields import short_repr
 
 STAGE_CHANNELS: dict[str, tuple[int, ...]] = {
     "efficientnet_lite0": (16, 24, 40, 112, 320),
+    "efficientnet_lite1": (16, 24, 40, 112, 320),  # Lite0's widths, deeper stages
     "efficientnet_lite2": (16, 24, 48, 120, 352),
 }
 

