@@ -95,7 +95,7 @@ def test_bad_pfm_parameters_exit_2_naming_them(tmp_path, file_root):
                 "inputs": {"dataset": f"{file_root}/datasets/x/1"}, "outputs": {"model": "m"}, "pfm": pfm}
 
     cases = [({"model": {"latent_chanels": 8}}, r"pfm\.model\.latent_chanels.*did you mean 'latent_channels'"),
-             ({"model": {"target_backbone": "efficientnet_lite0"}}, r"pfm\.model\.target_backbone: must differ"),
+             ({"model": {"target_backbone": "efficientnet_lite1"}}, r"pfm\.model\.target_backbone: must differ"),
              ({"model": {"image_score": "median"}}, r"pfm\.model\.image_score"),
              ({"optim": {"lr": [0.1]}}, r"pfm\.optim\.lr: needs one learning rate per stage"),
              ({"variance_steps": 5000}, r"pfm\.variance_steps: must be at most training\.steps"),

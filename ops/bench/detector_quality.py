@@ -7,7 +7,7 @@ every probability-1.0 cell test). Per cell type (mono, poly) one model of each d
 on that type's normal training cells, with the pipeline's decoder (`decode_rgb`, 256 px):
 
 - padim: the demo's model (`padim_quality.adpipe_scores`), channel subset seed 0;
-- pfm: `pipelines.models.pfm` with its defaults (Lite0 <-> Lite2, stages 1-3, the authors' mapping
+- pfm: `pipelines.models.pfm` with its defaults (Lite1 <-> Lite2 or --pfm-backbones, stages 1-3, the authors' mapping
   shape with bottlenecks 19/38/96, Adam 3e-3/3e-4/3e-4), --pfm-steps steps of batch 8 drawn with
   a seeded generator from the training cells' features, computed once (no rotation augmentation
   here; the train stage adds it), the error variance over the last 50 steps; image score max
