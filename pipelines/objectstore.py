@@ -42,6 +42,10 @@ class ObjectStore:
     # Every port the server listens on (HTTP and gRPC): weed names its local sockets after them.
     ports: tuple[int, ...] = ()
 
+    @property
+    def master_port(self) -> int:
+        return self.ports[1]  # `start` records them as s3, master, volume, filer, then their gRPC ports
+
     def env(self) -> dict[str, str]:
         """The environment a client needs (contains the secret: never print it)."""
         return {
@@ -104,7 +108,29 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _volumes_on_disk(data_dir: Path) -> set[int]:
+    """The ids of the volumes stored under `data_dir` (`<collection>_<id>.dat` or `<id>.dat`)."""
+    return {int(path.stem.rsplit("_", 1)[-1]) for path in Path(data_dir).glob("*.dat")
+            if path.stem.rsplit("_", 1)[-1].isdigit()}
+
+
+def _volumes_known_to_master(master_port: int) -> set[int]:
+    """The volume ids the master's topology holds (its HTTP `/vol/status`)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/vol/status", timeout=5) as response:
+        status = json.load(response)
+    known: set[int] = set()
+    for racks in (status.get("Volumes", {}).get("DataCenters") or {}).values():
+        for nodes in (racks or {}).values():
+            for volumes in (nodes or {}).values():
+                known |= {int(volume["Id"]) for volume in volumes or ()}
+    return known
+
+
 def _wait_until_ready(store: ObjectStore, deadline: float) -> None:
+    """Until S3 answers and, on a restart over existing data, the master knows every volume on disk:
+    S3 answers first, and a read in between fails with "volume N not found"."""
     import boto3
     import botocore.config
 
@@ -119,7 +145,11 @@ def _wait_until_ready(store: ObjectStore, deadline: float) -> None:
             raise RuntimeError(f"SeaweedFS exited during start-up; see {store.data_dir}/weed.log")
         try:
             client.list_buckets()
-            return
+            missing = _volumes_on_disk(Path(store.data_dir)) - _volumes_known_to_master(store.master_port)
+            if not missing:
+                return
+            last_error = RuntimeError(f"the master does not know volumes {sorted(missing)} yet")
+            time.sleep(0.2)
         except Exception as error:  # noqa: BLE001 - any failure here means "not ready yet"
             last_error = error
             time.sleep(0.5)
