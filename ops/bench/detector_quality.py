@@ -24,6 +24,9 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   trained for --resad-steps steps on the *other* cell type's synthetic pairs (made as RealNet's),
   then scoring this type from --resad-shots of its normal training cells, no retraining: the
   class-generalisation ResAD is for. Compare it with PaDiM fitted on all of this type's normals.
+- nearest_shots (`nearest_shot_scores`, not in the default): ResAD's residuals with nothing
+  trained, the squared residual against the same --resad-shots cells as the map: what ResAD's
+  training adds to its first step.
 - diffusion (`diffusion_scores`): a DDPM (U-Net channels 32-128, learned variance) per cell type,
   --diffusion-steps steps at --diffusion-size px (the CPU budget: far below the papers' 10k steps
   at 256 px on GPUs), scored by diffusion_kl and cgddm with their defaults. With
@@ -381,11 +384,7 @@ def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
         tensors, meta = state.state_tensors()
         published = RESAD.published(params, context, tensors, meta)
         model = RESAD.build(published.config, published.tensors[trained]).eval()
-        candidates = sorted((r for r in items if r["category"] == unseen and r["split"] == "train"),
-                            key=lambda r: r["image_id"])
-        picked = np.sort(np.random.default_rng(0).choice(len(candidates), shots, replace=False))
-        shot_pixels = np.stack([decode_rgb(Path(candidates[i]["file"]).read_bytes(), size) for i in picked])
-        model = RESAD.with_references(model, torch.from_numpy(shot_pixels).permute(0, 3, 1, 2).float() / 255)
+        model = RESAD.with_references(model, shot_images(items, unseen, shots, size))
         print(f"  resad {trained} -> {unseen}: {len(train)} normals + {len(train) * per_image} anomalies, trained "
               f"{steps} steps in {time.perf_counter() - started:.0f} s; {shots} shots of {unseen}", flush=True)
         test = [r for r in items if r["category"] == unseen and r["split"] == "test"]
@@ -394,6 +393,74 @@ def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
             batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows_]))
             began = time.perf_counter()
             image_scores, _ = model(batch.permute(0, 3, 1, 2).float().div_(255.0))
+            seconds += time.perf_counter() - began
+            count += len(rows_)
+            for row, value in zip(rows_, image_scores.tolist(), strict=True):
+                scores[row["image_id"]] = value
+    return scores, seconds, count
+
+
+def shot_images(items: list[dict], category: str, shots: int, size: int):
+    """`shots` normal training cells of `category`, drawn with seed 0 as a `references:` score job
+    draws them: (shots, 3, size, size) float in [0, 1]."""
+    import numpy as np
+    import torch
+
+    from pipelines.data.preprocess import decode_rgb
+
+    candidates = sorted((r for r in items if r["category"] == category and r["split"] == "train"),
+                        key=lambda r: r["image_id"])
+    picked = np.sort(np.random.default_rng(0).choice(len(candidates), shots, replace=False))
+    pixels = np.stack([decode_rgb(Path(candidates[i]["file"]).read_bytes(), size) for i in picked])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+
+
+def nearest_shot_scores(items: list[dict], shots: int, batch_size: int) -> tuple[dict[str, float], float, int]:
+    """ResAD's first step alone, untrained: the same `shots` cells of each type as references, the
+    same backbone, levels, unit-RMS features and map smoothing; a position's score is its squared
+    residual against the nearest reference position (by cosine), per channel, divided by the
+    level's mean over the shots themselves (each against the others: fixed before any test
+    cell is seen); the levels' maps upsampled and averaged, image score the max.
+    ({image_id: score}, seconds scoring, test images scored)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.data.preprocess import decode_rgb
+    from pipelines.models.anomaly_maps import gaussian_blur
+    from pipelines.models.backbones import shared_feature_extractor, unit_rms
+    from pipelines.models.resad import ResadConfig
+    from pipelines.models.resad.model import flatten_references, nearest_residuals
+
+    config = ResadConfig(shots=shots)
+    size = config.image_size
+    extractor = shared_feature_extractor(config.backbone, config.stages)
+
+    def features(images):
+        with torch.inference_mode():
+            return [unit_rms(f) for f in extractor(images)]
+
+    scores: dict[str, float] = {}
+    seconds, count = 0.0, 0
+    for category in CATEGORIES:
+        shot_features = features(shot_images(items, category, shots, size))
+        references = flatten_references(shot_features)
+        scales = []  # per level: the mean squared residual of each shot against the other shots
+        for stored in shot_features:
+            others = [flatten_references([torch.cat([stored[:k], stored[k + 1:]])])[0] for k in range(shots)]
+            scales.append(torch.stack([nearest_residuals(stored[k:k + 1], others[k]).pow(2).mean()
+                                       for k in range(shots)]).mean())
+        test = [r for r in items if r["category"] == category and r["split"] == "test"]
+        for start in range(0, len(test), batch_size):
+            rows_ = test[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([decode_rgb(Path(r["file"]).read_bytes(), size) for r in rows_]))
+            began = time.perf_counter()
+            maps = torch.zeros(len(rows_), 1, size, size)
+            for level_features, level_references, scale in zip(features(batch.permute(0, 3, 1, 2).float() / 255),
+                                                               references, scales, strict=True):
+                squared = nearest_residuals(level_features, level_references).pow(2).mean(1, keepdim=True) / scale
+                maps += F.interpolate(squared, size=(size, size), mode="bilinear", align_corners=False)
+            image_scores = gaussian_blur(maps[:, 0] / len(references), config.map_sigma).amax((1, 2))
             seconds += time.perf_counter() - began
             count += len(rows_)
             for row, value in zip(rows_, image_scores.tolist(), strict=True):
@@ -438,7 +505,8 @@ def main() -> int:
     parser.add_argument("--diffusion-feature-head", action="store_true",
                         help="train diffusion_kl's feature head too and score it at alpha 0.5, 1 and 0")
     parser.add_argument("--detectors", default="padim,pfm,realnet,resad,diffusion",
-                        help="comma-separated; also diffusion_kl_conditional (not in the default)")
+                        help="comma-separated; also diffusion_kl_conditional and nearest_shots (not in the "
+                             "default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--scores-out", type=Path, default=None,
@@ -485,6 +553,11 @@ def main() -> int:
             rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
             scores_by_detector[f"resad {args.resad_shots}-shot"] = resad
             speed.setdefault("resad", []).append(resad_count / resad_seconds)
+        if "nearest_shots" in detectors:
+            nearest, nearest_seconds, nearest_count = nearest_shot_scores(items, args.resad_shots, args.batch_size)
+            rows[f"nearest {args.resad_shots} shots"] = auroc_per_category(items, nearest)
+            scores_by_detector[f"nearest {args.resad_shots} shots"] = nearest
+            speed.setdefault("nearest_shots", []).append(nearest_count / nearest_seconds)
         if "diffusion" in detectors:
             diffusion, diffusion_seconds, diffusion_count = diffusion_scores(
                 items, args.diffusion_steps, args.batch_size, args.diffusion_size, args.diffusion_feature_head)
