@@ -24,6 +24,7 @@ on that type's normal training cells, with the pipeline's decoder (`decode_rgb`,
   trained for --resad-steps steps on the *other* cell type's synthetic pairs (made as RealNet's),
   then scoring this type from --resad-shots of its normal training cells, no retraining: the
   class-generalisation ResAD is for. Compare it with PaDiM fitted on all of this type's normals.
+  --resad-extra-textures brick,grass adds scikit-image textures as more training classes.
 - nearest_shots (`nearest_shot_scores`, not in the default): ResAD's residuals with nothing
   trained, the squared residual against the same --resad-shots cells as the map: what ResAD's
   training adds to its first step.
@@ -54,6 +55,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -256,6 +258,38 @@ def synthetic_block(train: list[dict], category: str, size: int, per_image: int)
     """What a `synthesize` step with include_normals writes for these normal cells, as one block:
     each normal, then its `per_image` anomalies (the stage's seeds and recipe: Perlin-masked
     textures from scikit-image's gravel, rocket, coffee, chelsea, and CutPaste)."""
+    from pipelines.data.preprocess import decode_rgb
+
+    return synthetic_block_of([(row["image_id"], decode_rgb(Path(row["file"]).read_bytes(), size)) for row in train],
+                              category, size, per_image)
+
+
+def texture_normals(texture: str, count: int, size: int) -> list[tuple[str, object]]:
+    """`count` normal images of a scikit-image texture (brick, grass): seeded random crops of 128-384
+    px, randomly flipped, resized to `size` px, grey as RGB. A class ResAD can train on besides
+    ELPV's other cell type (the anomaly recipe's textures are other ones)."""
+    import numpy as np
+    import skimage.data
+
+    from pipelines.data.preprocess import decode_rgb
+
+    image = np.stack([getattr(skimage.data, texture)()] * 3, -1)
+    rng = np.random.default_rng(0)
+    made = []
+    for index in range(count):
+        side = int(rng.integers(128, 385))
+        y, x = (int(v) for v in rng.integers(0, image.shape[0] - side + 1, 2))
+        crop = image[y:y + side, x:x + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if rng.random() < 0.5:
+            crop = crop[::-1]
+        made.append((f"{texture}/{index:03d}", decode_rgb(_png(np.ascontiguousarray(crop)), size)))
+    return made
+
+
+def synthetic_block_of(normals: list[tuple[str, object]], category: str, size: int, per_image: int) -> dict:
+    """`synthetic_block` for (image id, (S, S, 3) uint8 pixels) normals."""
     import numpy as np
     import skimage.data
 
@@ -267,15 +301,14 @@ def synthetic_block(train: list[dict], category: str, size: int, per_image: int)
                                                                                    "chelsea")]
     plans = (SourcePlan("texture", 1.0, (0.2, 1.0)), SourcePlan("cutpaste", 1.0, (1.0, 1.0)))
     ids, sources, labels, pixels, masks = [], [], [], [], []
-    for row in train:
-        image = decode_rgb(Path(row["file"]).read_bytes(), size)
-        ids.append(row["image_id"]), sources.append(""), labels.append(0)
+    for image_id, image in normals:
+        ids.append(image_id), sources.append(""), labels.append(0)
         pixels.append(image), masks.append(np.zeros((size, size), bool))
         for copy in range(per_image):
-            seed = row_seed(0, row["image_id"], copy)
+            seed = row_seed(0, image_id, copy)
             plan = plans[int(np.random.default_rng(seed).integers(len(plans)))]
             made = synthesize_one(image, plan, seed, perlin=PerlinConfig(), textures=textures)
-            ids.append(f"{row['image_id']}#synth-{copy}"), sources.append(row["image_id"]), labels.append(1)
+            ids.append(f"{image_id}#synth-{copy}"), sources.append(image_id), labels.append(1)
             pixels.append(made.image), masks.append(made.mask)
     return {"image_id": np.array(ids, object), "category": np.array([category] * len(ids), object),
             "label": np.array(labels, np.int8), "source_image_id": np.array(sources, object),
@@ -340,11 +373,13 @@ def realnet_scores(items: list[dict], steps: int, batch_size: int,
     return scores, seconds, count
 
 
-def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
-                 shots: int) -> tuple[dict[str, float], float, int]:
+def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int, shots: int,
+                 extra_textures: Sequence[str] = (), texture_count: int = 64) -> tuple[dict[str, float], float, int]:
     """ResAD few-shot on a cell type it never saw: trained on the *other* type's synthetic pairs
     (as RealNet's), then applied to this type from `shots` of its normal training cells (drawn
-    with seed 0 as a `references:` score job draws them), no retraining. ({image_id: score},
+    with seed 0 as a `references:` score job draws them), no retraining. With `extra_textures`
+    ResAD also trains on those scikit-image textures as classes of their own (`texture_count`
+    normal crops each, `texture_normals`, and their synthetic anomalies). ({image_id: score},
     seconds scoring, test images scored)."""
     import numpy as np
     import torch
@@ -361,10 +396,13 @@ def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
     seconds, count = 0.0, 0
     for trained, unseen in zip(CATEGORIES, CATEGORIES[::-1], strict=True):
         train = [r for r in items if r["category"] == trained and r["split"] == "train"]
-        context = TrainingContext(class_names=(trained,), device="cpu", seed=0)
+        context = TrainingContext(class_names=(trained, *extra_textures), device="cpu", seed=0)
         state = RESAD.training_state(params, context)
         started = time.perf_counter()
-        block = synthetic_block(train, trained, size, per_image)
+        blocks = [synthetic_block(train, trained, size, per_image)] + [
+            synthetic_block_of(texture_normals(texture, texture_count, size), texture, size, per_image)
+            for texture in extra_textures]
+        block = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
         ids = [str(i) for i in block["image_id"]]
         cached = cached_features(state, block["pixels"], batch_size)
         where = {image_id: index for index, image_id in enumerate(ids)}
@@ -378,14 +416,15 @@ def resad_scores(items: list[dict], steps: int, batch_size: int, per_image: int,
                     break
                 chosen = rows[start:start + batch_size]
                 generator = torch.Generator().manual_seed(step * 1009)  # the train stage's seeding, rank 0
-                state.train_features([c[chosen] for c in cached], [trained] * len(chosen),
+                state.train_features([c[chosen] for c in cached], [str(c) for c in block["category"][chosen.numpy()]],
                                      torch.from_numpy(block["mask"][chosen.numpy()]), generator)
                 step += 1
         tensors, meta = state.state_tensors()
         published = RESAD.published(params, context, tensors, meta)
         model = RESAD.build(published.config, published.tensors[trained]).eval()
         model = RESAD.with_references(model, shot_images(items, unseen, shots, size))
-        print(f"  resad {trained} -> {unseen}: {len(train)} normals + {len(train) * per_image} anomalies, trained "
+        print(f"  resad {trained}{''.join(f'+{t}' for t in extra_textures)} -> {unseen}: "
+              f"{int((block['label'] == 0).sum())} normals + {int(block['label'].sum())} anomalies, trained "
               f"{steps} steps in {time.perf_counter() - started:.0f} s; {shots} shots of {unseen}", flush=True)
         test = [r for r in items if r["category"] == unseen and r["split"] == "test"]
         for start in range(0, len(test), batch_size):
@@ -500,6 +539,9 @@ def main() -> int:
     parser.add_argument("--realnet-per-image", type=int, default=2)
     parser.add_argument("--resad-steps", type=int, default=600)
     parser.add_argument("--resad-shots", type=int, default=4)
+    parser.add_argument("--resad-extra-textures", default="", metavar="NAMES",
+                        help="comma-separated scikit-image textures (e.g. brick,grass) ResAD also trains on, "
+                             "each as a class of its own")
     parser.add_argument("--diffusion-steps", type=int, default=1500)
     parser.add_argument("--diffusion-size", type=int, default=64)
     parser.add_argument("--diffusion-feature-head", action="store_true",
@@ -549,7 +591,8 @@ def main() -> int:
             speed.setdefault("realnet", []).append(realnet_count / realnet_seconds)
         if "resad" in detectors:
             resad, resad_seconds, resad_count = resad_scores(items, args.resad_steps, args.batch_size,
-                                                             args.realnet_per_image, args.resad_shots)
+                                                             args.realnet_per_image, args.resad_shots,
+                                                             [t for t in args.resad_extra_textures.split(",") if t])
             rows[f"resad {args.resad_shots}-shot"] = auroc_per_category(items, resad)
             scores_by_detector[f"resad {args.resad_shots}-shot"] = resad
             speed.setdefault("resad", []).append(resad_count / resad_seconds)
