@@ -173,8 +173,8 @@ def start(state_dir: Path, buckets: Sequence[str] = ()) -> ObjectStore:
     data_dir = state_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     s3_port, master_port, volume_port, filer_port = _free_ports(4)
-    # weed's gRPC ports are its default, HTTP port + 10000 (choosing them with -*.port.grpc was
-    # tried: one CI run then read a volume before the restarted master knew it; not pursued).
+    # weed's gRPC ports are its default, HTTP port + 10000, recorded so that `stop_server` can
+    # remove the sockets weed names after them.
     ports = [s3_port, master_port, volume_port, filer_port] + [p + 10000 for p in (s3_port, master_port,
                                                                                     volume_port, filer_port)]
     access_key = "adpipe" + secrets.token_hex(6)

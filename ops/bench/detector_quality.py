@@ -467,17 +467,13 @@ def nearest_shot_scores(items: list[dict], shots: int, batch_size: int) -> tuple
 
     from pipelines.data.preprocess import decode_rgb
     from pipelines.models.anomaly_maps import gaussian_blur
-    from pipelines.models.backbones import shared_feature_extractor, unit_rms
     from pipelines.models.resad import ResadConfig
+    from pipelines.models.resad.model import IMPLEMENTATION as RESAD
     from pipelines.models.resad.model import flatten_references, nearest_residuals
 
     config = ResadConfig(shots=shots)
     size = config.image_size
-    extractor = shared_feature_extractor(config.backbone, config.stages)
-
-    def features(images):
-        with torch.inference_mode():
-            return [unit_rms(f) for f in extractor(images)]
+    features = RESAD.build(config, None).features  # ResAD's own frozen backbone and unit-RMS features
 
     scores: dict[str, float] = {}
     seconds, count = 0.0, 0
